@@ -1,0 +1,120 @@
+"""`AnalyticDPMScheduler`: DDPM/DDIM sampling with the analytic optimal reverse variance.
+
+Bao, Li, Zhu, Zhang, "Analytic-DPM: an Analytic Estimate of the Optimal Reverse Variance in Diffusion Probabilistic
+Models", ICLR 2022. The mean of each step is DDPM's (eta = 1) or DDIM's (eta < 1); only the variance changes.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+
+from . import reverse_step as rs
+from .scheduling_base import GAMMA_HELP, ReverseStepOutput, ReverseVarianceSchedulerMixin, validate_gamma
+
+AnalyticDPMSchedulerOutput = ReverseStepOutput
+
+
+class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin):
+    """
+    Analytic-DPM: the reverse step of DDPM (`eta=1`, Analytic-DDPM) or DDIM (`eta=0`, Analytic-DDIM) with the
+    optimal variance `sigma^2 = lambda^2 + gamma_{t,s}^2 * bbar_t / abar_t * (1 - Gamma_t)`, where
+    `Gamma_t = E||eps_theta(x_t, t)||^2 / d` is a table estimated once per model.
+
+    Swap it into any pipeline that drives a noise-prediction model:
+    `pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=table)`.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): the number of training timesteps T.
+        beta_start (`float`, defaults to 0.0001): the first beta.
+        beta_end (`float`, defaults to 0.02): the last beta.
+        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"`, `"squaredcos_cap_v2"`,
+            `"sigmoid"` or `"laplace"`, as in diffusers.
+        trained_betas (`List[float]`, *optional*): the betas, overriding the three arguments above.
+        prediction_type (`str`, defaults to `"epsilon"`): what the model predicts: `"epsilon"`, `"v_prediction"` or
+            `"sample"`. Everything is converted to `eps_hat` and `x0_hat` first.
+        clip_sample (`bool`, defaults to `True`): clip `x0_hat` to `[-clip_sample_range, clip_sample_range]`.
+        clip_sample_range (`float`, defaults to 1.0): the clip range of `x0_hat`.
+        thresholding (`bool`, defaults to `False`): dynamic thresholding of `x0_hat` instead of clipping.
+        dynamic_thresholding_ratio (`float`, defaults to 0.995): the quantile of dynamic thresholding.
+        sample_max_value (`float`, defaults to 1.0): the largest threshold of dynamic thresholding.
+        timestep_spacing (`str`, defaults to `"leading"`): `"linspace"`, `"leading"` or `"trailing"`, as in
+            diffusers.
+        steps_offset (`int`, defaults to 0): offset added to `"leading"` timesteps.
+        rescale_betas_zero_snr (`bool`, defaults to `False`): rescale the betas to zero terminal SNR.
+        eta (`float`, defaults to 1.0): the forward family, `lambda^2 = eta^2 * tilde_beta`. 1.0 is Analytic-DDPM,
+            0.0 Analytic-DDIM; a pipeline's `eta` argument overrides it per call.
+        gamma (`List[float]`, *optional*): `Gamma_t` for `t = 0 .. T-1` (a list, numpy array or tensor). Stored in
+            `scheduler_config.json`, so it travels with `save_pretrained`, `from_pretrained` and `push_to_hub`.
+        gamma_from_batch (`bool`, defaults to `False`): without a table, estimate `Gamma_t` from the current batch
+            as the mean of `eps_hat^2` (the authors' data-free fallback; needs a batch of many samples).
+        clip_variance (`bool`, defaults to `True`): clip `v` to `[0, max_x0_variance]` (Theorem 2).
+        max_x0_variance (`float`, defaults to 1.0): the upper bound `((b - a) / 2)^2` of `v` for data in `[a, b]`.
+        last_step_sigma_clip (`float`, *optional*): `y` of the clip `sigma <= y * 2/255 * sqrt(pi/2)` on the step
+            that lands on the last timestep (the papers use 2 for CIFAR10 and CelebA, 1 elsewhere, for FID).
+            `None` switches it off.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        prediction_type: str = "epsilon",
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        eta: float = 1.0,
+        gamma: Optional[Union[List[float], np.ndarray, torch.Tensor]] = None,
+        gamma_from_batch: bool = False,
+        clip_variance: bool = True,
+        max_x0_variance: float = 1.0,
+        last_step_sigma_clip: Optional[float] = None,
+    ):
+        self.gamma_table = validate_gamma(gamma, num_train_timesteps)
+        # the config keeps JSON-able lists only
+        self.register_to_config(
+            gamma=None if self.gamma_table is None else self.gamma_table.tolist(),
+            trained_betas=None if trained_betas is None else np.asarray(trained_betas, dtype=np.float64).tolist(),
+        )
+        self._init_schedule()
+
+    def _split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
+        if model_output.shape != sample.shape:
+            hint = ""
+            if model_output.ndim > 1 and model_output.shape[1] == 2 * sample.shape[1]:
+                hint = (" It has twice the sample's channels: for an `[eps, h]` noise-square head use "
+                        "`SNDPMScheduler`; for a learned-variance model pass `model_output[:, :C]`.")
+            raise ValueError(
+                f"AnalyticDPMScheduler expects a model output of the sample's shape {tuple(sample.shape)}, got "
+                f"{tuple(model_output.shape)}.{hint}"
+            )
+        return model_output, None
+
+    def _x0_variance(self, t: int, abar_t: float, eps_hat: torch.Tensor, extra):
+        if self.gamma_table is not None:
+            gamma_t = self.gamma_table[t].item()
+        elif self.config.gamma_from_batch:
+            gamma_t = eps_hat.double().square().mean().item()
+        else:
+            raise ValueError(
+                "AnalyticDPMScheduler has no Gamma table: the analytic variance needs "
+                "Gamma_t = E||eps_theta(x_t, t)||^2 / d for your model. " + GAMMA_HELP
+                + " (Or set `gamma_from_batch=True` to estimate it from each large batch.)"
+            )
+        return rs.analytic_x0_variance(gamma_t, abar_t)

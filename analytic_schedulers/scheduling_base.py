@@ -1,0 +1,314 @@
+"""What `AnalyticDPMScheduler` and `SNDPMScheduler` share: the schedule, the trajectory and one `step`.
+
+The subclasses differ only in how they read the model output and in the estimate `v` of the posterior variance of
+`x_0` (see `reverse_step.py`); everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import reverse_step as rs
+from .schedule import alphas_cumprod_from_betas, check_trajectory, make_betas, spaced_timesteps
+
+GAMMA_HELP = (
+    "Estimate the table once for your model with `analytic_schedulers.estimate_gamma(unet, images, scheduler)` or "
+    "`analytic-schedulers estimate-gamma --model <model> --data <images> --output <folder>`, then pass it as "
+    "`AnalyticDPMScheduler.from_config(config, gamma=table)` or load the folder with `from_pretrained`."
+)
+
+
+@dataclass
+class ReverseStepOutput(BaseOutput):
+    """
+    Output of `step` for the schedulers of this package.
+
+    Args:
+        prev_sample (`torch.Tensor` of shape `(batch_size, num_channels, height, width)` for images):
+            The sample at the previous (lower) timestep, `x_s`. Feed it to the model at the next step.
+        pred_original_sample (`torch.Tensor` of the same shape):
+            The predicted denoised sample `x0_hat` (clipped when `clip_sample`).
+        variance (`torch.Tensor`):
+            The variance `sigma^2` of the step's Gaussian, a 0-dim tensor for Analytic-DPM or one value per dimension
+            for SN/NPR-DPM; zero for the last step, which returns the mean.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+    variance: Optional[torch.Tensor] = None
+
+
+def validate_gamma(gamma, num_train_timesteps: int) -> Optional[torch.Tensor]:
+    """Checks a Gamma table (list, numpy array or tensor) and returns it as a float64 tensor, or `None`."""
+    if gamma is None:
+        return None
+    if isinstance(gamma, torch.Tensor):
+        table = gamma.detach().to("cpu", torch.float64)
+    else:
+        try:
+            table = torch.as_tensor(np.asarray(gamma, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"`gamma` must be a list of floats, a numpy array or a tensor: {error}") from None
+    table = table.flatten() if table.ndim > 1 and table.numel() == num_train_timesteps else table
+    if table.ndim != 1 or table.numel() != num_train_timesteps:
+        raise ValueError(
+            f"`gamma` must hold one value per training timestep ({num_train_timesteps}), got shape "
+            f"{tuple(table.shape)}. A table estimated for another schedule cannot be reused. " + GAMMA_HELP
+        )
+    bad = (~torch.isfinite(table)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(
+            f"`gamma` has non-finite values at timesteps {bad[:10].tolist()}: a table may leave timesteps out only "
+            "when it is not used there; re-estimate it. " + GAMMA_HELP
+        )
+    return table
+
+
+class ReverseVarianceSchedulerMixin:
+    """Shared machinery; a subclass sets `_x0_variance` and `_split_model_output` and registers its config."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def _init_schedule(self) -> None:
+        config = self.config
+        self.betas = make_betas(
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.beta_schedule,
+            config.trained_betas,
+            config.rescale_betas_zero_snr,
+        )
+        self.alphas = 1.0 - self.betas
+        # derived in float64 once; `alphas_cumprod` is what diffusers code reads (float32, like DDPMScheduler's)
+        self._abar64 = alphas_cumprod_from_betas(self.betas)
+        self._abar_list: List[float] = self._abar64.tolist()
+        self.alphas_cumprod = self._abar64.to(torch.float32)
+        self.one = torch.tensor(1.0)
+        if config.eta < 0:
+            raise ValueError(f"`eta` must be >= 0 (1 = DDPM, 0 = DDIM), got {config.eta}.")
+        if config.max_x0_variance <= 0:
+            raise ValueError(f"`max_x0_variance` must be positive, got {config.max_x0_variance}.")
+        if config.last_step_sigma_clip is not None and config.last_step_sigma_clip <= 0:
+            raise ValueError("`last_step_sigma_clip` must be positive, or None to switch the clip off.")
+        if self._abar_list[-1] <= 0.0 and not config.clip_variance:
+            raise ValueError(
+                "This schedule reaches zero SNR (alphas_cumprod[-1] = 0), where bbar/abar is infinite: keep "
+                "`clip_variance=True` so that the Theorem-2 bound caps the variance there."
+            )
+        self.num_inference_steps: Optional[int] = None
+        self.custom_timesteps = False
+        self._set_trajectory(np.arange(config.num_train_timesteps - 1, -1, -1, dtype=np.int64), device=None)
+
+    def _set_trajectory(self, timesteps: np.ndarray, device) -> None:
+        self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
+        self._trajectory: List[int] = timesteps.tolist()
+        self._index_of = {t: i for i, t in enumerate(self._trajectory)}
+
+    # ------------------------------------------------------------------------------------------------ public surface
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
+        """The model input needs no scaling for these schedulers; returns `sample` unchanged."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[Sequence[int]] = None,
+    ) -> None:
+        """
+        Sets the trajectory `tau_K > ... > tau_1` (run before inference).
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                K, the number of model evaluations. The trajectory follows `timestep_spacing`.
+            device (`str` or `torch.device`, *optional*):
+                The device to move `self.timesteps` to.
+            timesteps (`List[int]`, *optional*):
+                A custom descending trajectory, instead of `num_inference_steps`.
+        """
+        T = self.config.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("Pass exactly one of `num_inference_steps` or `timesteps`.")
+        if timesteps is not None:
+            trajectory = check_trajectory(timesteps, T)
+            self.custom_timesteps = True
+        else:
+            trajectory = self._spaced_trajectory(int(num_inference_steps))
+            self.custom_timesteps = False
+        self.num_inference_steps = len(trajectory)
+        self._set_trajectory(trajectory, device)
+
+    def _spaced_trajectory(self, num_inference_steps: int) -> np.ndarray:
+        config = self.config
+        return spaced_timesteps(num_inference_steps, config.num_train_timesteps, config.timestep_spacing,
+                                config.steps_offset)
+
+    def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
+        """The next lower timestep of the trajectory, or -1 after `tau_1` (the clean sample)."""
+        t = int(timestep)
+        index = self._index_of.get(t)
+        if index is None:
+            raise ValueError(
+                f"Timestep {t} is not on the current trajectory ({self._trajectory[:3]}...{self._trajectory[-2:]}). "
+                "Call `set_timesteps` and step through `scheduler.timesteps`."
+            )
+        return self._trajectory[index + 1] if index + 1 < len(self._trajectory) else -1
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
+        """The forward process `x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps` (as `DDPMScheduler.add_noise`)."""
+        sqrt_abar, sqrt_bbar = self._forward_coefficients(original_samples, timesteps)
+        return sqrt_abar * original_samples + sqrt_bbar * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """The `v_prediction` target `v = sqrt(abar_t) eps - sqrt(bbar_t) x_0` (as `DDPMScheduler.get_velocity`)."""
+        sqrt_abar, sqrt_bbar = self._forward_coefficients(sample, timesteps)
+        return sqrt_abar * noise - sqrt_bbar * sample
+
+    def _forward_coefficients(self, like: torch.Tensor, timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
+        timesteps = torch.as_tensor(timesteps, device="cpu").long().flatten()
+        abar = self._abar64[timesteps]
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        as_like = dict(device=like.device, dtype=like.dtype)
+        return abar.sqrt().reshape(shape).to(**as_like), (1.0 - abar).sqrt().reshape(shape).to(**as_like)
+
+    # ------------------------------------------------------------------------------------------------ the step
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        eta: Optional[float] = None,
+        use_clipped_model_output: Optional[bool] = None,
+        generator: Optional[torch.Generator] = None,
+        variance_noise: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ) -> Union[ReverseStepOutput, Tuple]:
+        """
+        One reverse step `x_t -> x_s` with the estimated optimal variance, `s` the next timestep of the trajectory.
+
+        Args:
+            model_output (`torch.Tensor`):
+                The model's output at `(sample, timestep)`, of the scheduler's `prediction_type`.
+            timestep (`int` or `torch.Tensor`):
+                The current timestep `t`, an entry of `self.timesteps`.
+            sample (`torch.Tensor`):
+                The current sample `x_t`.
+            eta (`float`, *optional*):
+                Overrides the config's `eta` for this step (1 = DDPM forward process, 0 = DDIM). Pipelines such as
+                `DDIMPipeline` and Stable Diffusion pass their own `eta` (default 0.0) here.
+            use_clipped_model_output (`bool`, *optional*):
+                Re-derive `eps_hat` from the clipped `x0_hat` for the DDIM-form mean (as `DDIMScheduler`). Defaults
+                to `False`.
+            generator (`torch.Generator`, *optional*):
+                Random number generator for the step's noise.
+            variance_noise (`torch.Tensor`, *optional*):
+                The standard normal noise to use instead of drawing it with `generator`.
+            return_dict (`bool`, defaults to `True`):
+                Return a `ReverseStepOutput` instead of a tuple.
+
+        Returns:
+            `ReverseStepOutput` or `tuple`: `(prev_sample, pred_original_sample, variance)`.
+        """
+        config = self.config
+        eta = config.eta if eta is None else float(eta)
+        if eta < 0:
+            raise ValueError(f"`eta` must be >= 0, got {eta}.")
+        if variance_noise is not None and generator is not None:
+            raise ValueError("Pass either `generator` or `variance_noise`, not both.")
+
+        # 1. the step t -> s; s = -1 after tau_1, where abar = 1 (the clean sample)
+        t = int(timestep)
+        s = self.previous_timestep(t)
+        abar_t = self._abar_list[t]
+        abar_s = self._abar_list[s] if s >= 0 else 1.0
+
+        # 2. model output -> eps_hat, x0_hat (math in float32 or better, whatever the model's dtype)
+        compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        x_t = sample.to(compute_dtype)
+        output, extra = self._split_model_output(model_output, sample)
+        if not torch.isfinite(model_output).all():
+            raise ValueError(
+                f"The model output at timestep {t} contains NaN or Inf. With fp16, try bf16 or float32 for the "
+                "model; otherwise check the model's inputs."
+            )
+        eps_hat, x0_hat = rs.eps_and_x0_from_model_output(output.to(compute_dtype), x_t, abar_t,
+                                                          config.prediction_type)
+
+        # 3. clip or threshold x0_hat
+        if config.thresholding:
+            x0_hat = rs.dynamic_threshold(x0_hat, config.dynamic_thresholding_ratio, config.sample_max_value)
+        elif config.clip_sample:
+            x0_hat = x0_hat.clamp(-config.clip_sample_range, config.clip_sample_range)
+
+        # 4. the last step returns the mean x0_hat with no noise
+        if s < 0:
+            prev_sample, variance = x0_hat, torch.zeros((), dtype=compute_dtype, device=sample.device)
+            return self._output(prev_sample, x0_hat, variance, sample.dtype, return_dict)
+
+        # 5. variance sigma^2 = lambda^2 + gamma_ts^2 * v, v bounded by Theorem 2
+        lambda_sq = rs.ddim_lambda_sq(abar_t, abar_s, eta)
+        coef_sq = rs.x0_coefficient_sq(abar_t, abar_s, lambda_sq)
+        v = self._x0_variance(t, abar_t, eps_hat, extra)
+        if config.clip_variance:
+            v = rs.bound_x0_variance(v, config.max_x0_variance)
+        variance = rs.reverse_variance(lambda_sq, coef_sq, v)
+        if config.last_step_sigma_clip is not None and s == self._trajectory[-1]:
+            cap = rs.last_step_variance_cap(config.last_step_sigma_clip)
+            variance = variance.clamp(max=cap) if isinstance(variance, torch.Tensor) else min(variance, cap)
+
+        # 6. mean: DDPM's posterior mean for eta = 1, the DDIM form (raw eps_hat) otherwise
+        if eta == 1.0:
+            mean = rs.ddpm_mean(x0_hat, x_t, abar_t, abar_s)
+        else:
+            if use_clipped_model_output:
+                eps_hat = rs.eps_from_x0(x0_hat, x_t, abar_t)
+            mean = rs.ddim_mean(x0_hat, eps_hat, abar_s, lambda_sq)
+
+        # 7. add noise
+        if variance_noise is None:
+            # drawn in the compute dtype, so that a seed gives the same sample in fp16, bf16 and fp32
+            variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=compute_dtype)
+        elif variance_noise.shape != sample.shape:
+            raise ValueError(f"`variance_noise` has shape {tuple(variance_noise.shape)}, expected {tuple(sample.shape)}.")
+        if isinstance(variance, torch.Tensor):
+            std = variance.sqrt()
+        else:
+            std = math.sqrt(variance)
+            variance = torch.tensor(variance, dtype=compute_dtype, device=sample.device)
+        prev_sample = mean + std * variance_noise.to(compute_dtype)
+        return self._output(prev_sample, x0_hat, variance, sample.dtype, return_dict)
+
+    @staticmethod
+    def _output(prev_sample, x0_hat, variance, dtype, return_dict):
+        prev_sample, x0_hat = prev_sample.to(dtype), x0_hat.to(dtype)
+        if not return_dict:
+            return prev_sample, x0_hat, variance
+        return ReverseStepOutput(prev_sample=prev_sample, pred_original_sample=x0_hat, variance=variance)
+
+    # ------------------------------------------------------------------------------------------------ subclass hooks
+
+    def _split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
+        """Returns `(prediction, extra)`; `extra` is what `_x0_variance` needs beyond `eps_hat`."""
+        raise NotImplementedError
+
+    def _x0_variance(self, t: int, abar_t: float, eps_hat: torch.Tensor, extra):
+        """The estimate `v` of the posterior variance of `x_0` per dimension (a float or a tensor)."""
+        raise NotImplementedError

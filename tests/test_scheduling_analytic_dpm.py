@@ -1,0 +1,326 @@
+"""AnalyticDPMScheduler: exactness on Gaussian data, reductions to diffusers' schedulers, the diffusers contract."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel
+
+S = 0.3  # data std of the isotropic Gaussian check
+
+
+def sample_loop(scheduler, model, num_samples, seed=0, shape=(1, 8, 8), **step_kwargs):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((num_samples, *shape), generator=g)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
+    return x
+
+
+def exact_setup(**config):
+    base = AnalyticDPMScheduler(timestep_spacing="linspace", clip_sample=False, **config)
+    model = GaussianDataModel.from_scheduler(base, data_std=S)
+    return AnalyticDPMScheduler.from_config(base.config, gamma=model.exact_gamma()), model
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+@pytest.mark.parametrize("K", [10, 25])
+def test_exact_on_isotropic_gaussian(K, eta):
+    scheduler, model = exact_setup(eta=eta, clip_variance=True, last_step_sigma_clip=None)
+    scheduler.set_timesteps(K)
+    std = sample_loop(scheduler, model, 8000).std().item()
+
+    ddpm = DDPMScheduler.from_config(scheduler.config, variance_type="fixed_small")
+    ddim = DDIMScheduler.from_config(scheduler.config, timestep_spacing="leading")
+    baseline = ddpm if eta == 1.0 else ddim
+    baseline.set_timesteps(K)
+    base_std = sample_loop(baseline, model, 8000, **({} if eta == 1.0 else {"eta": 0.0})).std().item()
+    print(f"\nK={K} eta={eta}: target std {S}; Analytic {std:.4f} ({std / S - 1:+.2%}); "
+          f"{type(baseline).__name__} {base_std:.4f} ({base_std / S - 1:+.2%})")
+    assert abs(std / S - 1) < 0.01
+    # the fixed-variance samplers are far off at these K (the reason the package exists)
+    assert abs(base_std / S - 1) > 0.1
+
+
+def test_exact_for_every_prediction_type():
+    base = AnalyticDPMScheduler(timestep_spacing="linspace", clip_sample=False)
+    for prediction_type in ["v_prediction", "sample"]:
+        model = GaussianDataModel.from_scheduler(base, data_std=S, output=prediction_type)
+        scheduler = AnalyticDPMScheduler.from_config(base.config, prediction_type=prediction_type,
+                                                     gamma=model.exact_gamma())
+        scheduler.set_timesteps(10)
+        assert abs(sample_loop(scheduler, model, 4000).std().item() / S - 1) < 0.015
+
+
+def test_gamma_from_batch_fallback_is_close_to_exact():
+    scheduler, model = exact_setup()
+    scheduler = AnalyticDPMScheduler.from_config(scheduler.config, gamma=None, gamma_from_batch=True)
+    scheduler.set_timesteps(10)
+    assert abs(sample_loop(scheduler, model, 4000).std().item() / S - 1) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------ reductions
+
+PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
+
+
+def random_model_output(seed, shape=(4, 3, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_reduces_to_ddpm_fixed_small_when_v_is_zero(prediction_type, clip_sample):
+    config = dict(prediction_type=prediction_type, clip_sample=clip_sample, timestep_spacing="leading")
+    ddpm = DDPMScheduler(variance_type="fixed_small", **config)
+    ours = AnalyticDPMScheduler.from_config(ddpm.config, gamma=[1.0] * 1000)  # Gamma = 1 <=> v = 0
+    for scheduler in (ddpm, ours):
+        scheduler.set_timesteps(10)
+    for t in ours.timesteps:
+        model_output, sample = random_model_output(int(t))
+        a = ddpm.step(model_output, t, sample, generator=torch.Generator().manual_seed(int(t)))
+        b = ours.step(model_output, t, sample, generator=torch.Generator().manual_seed(int(t)))
+        torch.testing.assert_close(b.pred_original_sample, a.pred_original_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_reduces_to_ddim_when_v_is_zero(prediction_type, eta, use_clipped_model_output):
+    ddim = DDIMScheduler(prediction_type=prediction_type, clip_sample=True, timestep_spacing="leading")
+    ours = AnalyticDPMScheduler.from_config(ddim.config, gamma=np.ones(1000))
+    for scheduler in (ddim, ours):
+        scheduler.set_timesteps(10)
+    for t in ours.timesteps:
+        model_output, sample = random_model_output(int(t))
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(int(t) + 1))
+        kwargs = dict(eta=eta, use_clipped_model_output=use_clipped_model_output, variance_noise=noise)
+        a = ddim.step(model_output, t, sample, **kwargs)
+        b = ours.step(model_output, t, sample, **kwargs)
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.pred_original_sample, a.pred_original_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_trajectory_matches_ddpm_with_same_generator():
+    ddpm = DDPMScheduler(clip_sample=True)
+    ours = AnalyticDPMScheduler.from_config(ddpm.config, gamma=torch.ones(1000))
+    model = GaussianDataModel.from_scheduler(ddpm, data_std=S)
+    for scheduler in (ddpm, ours):
+        scheduler.set_timesteps(20)
+    torch.testing.assert_close(sample_loop(ours, model, 16), sample_loop(ddpm, model, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_analytic_variance_is_between_lambda_and_its_bound():
+    scheduler, model = exact_setup()
+    scheduler.set_timesteps(10)
+    x = torch.randn(2, 1, 8, 8)
+    for t in scheduler.timesteps[:-1]:
+        out = scheduler.step(model(x, t).sample, t, x)
+        s = scheduler.previous_timestep(t)
+        abar_t, abar_s = scheduler._abar_list[int(t)], scheduler._abar_list[s]
+        tilde_beta = (1 - abar_t / abar_s) * (1 - abar_s) / (1 - abar_t)
+        assert tilde_beta - 1e-7 <= out.variance.item() <= 1 - abar_t / abar_s + 1e-7
+
+
+# ------------------------------------------------------------------------------------------------ diffusers contract
+
+
+def test_config_round_trip_keeps_gamma(tmp_path):
+    gamma = torch.linspace(0.0, 1.0, 1000)
+    scheduler = AnalyticDPMScheduler(gamma=gamma, eta=0.3, last_step_sigma_clip=2.0, timestep_spacing="trailing")
+    scheduler.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "AnalyticDPMScheduler" and len(saved["gamma"]) == 1000
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(scheduler.config)
+    torch.testing.assert_close(loaded.gamma_table, gamma.double())
+    for s in (scheduler, loaded):
+        s.set_timesteps(7)
+    model_output, sample = random_model_output(3)
+    a = scheduler.step(model_output, scheduler.timesteps[2], sample, generator=torch.Generator().manual_seed(0))
+    b = loaded.step(model_output, loaded.timesteps[2], sample, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.prev_sample, b.prev_sample)
+
+
+@pytest.mark.parametrize("other", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_from_config_round_trips_with_diffusers(other, spacing):
+    theirs = other(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing=spacing,
+                   steps_offset=1, prediction_type="v_prediction")
+    ours = AnalyticDPMScheduler.from_config(theirs.config, gamma=[0.5] * 1000)
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod)
+    for K in (10, 25, 999):  # leading + steps_offset=1 at K=1000 would give timestep 1000 in diffusers
+        ours.set_timesteps(K)
+        theirs.set_timesteps(K)
+        assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    back = other.from_config(ours.config)
+    assert back.config.timestep_spacing == spacing and back.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(back.alphas_cumprod, theirs.alphas_cumprod)
+    assert DDPMScheduler in ours.compatibles and DDIMScheduler in ours.compatibles
+
+
+def test_step_shape_dtype_and_tuple_output():
+    scheduler = AnalyticDPMScheduler(gamma=[0.9] * 1000)
+    scheduler.set_timesteps(10)
+    model_output, sample = random_model_output(0)
+    t = scheduler.timesteps[3]
+    out = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(0))
+    tup = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert out.prev_sample.shape == sample.shape and out.pred_original_sample.shape == sample.shape
+    torch.testing.assert_close(out.prev_sample, tup[0])
+    torch.testing.assert_close(out.pred_original_sample, tup[1])
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        half = scheduler.step(model_output.to(dtype), t, sample.to(dtype), generator=torch.Generator().manual_seed(0))
+        assert half.prev_sample.dtype == dtype
+        if dtype != torch.float64:  # the noise is drawn in float32 for half precisions: the same sample
+            torch.testing.assert_close(half.prev_sample.float(), out.prev_sample, rtol=0.02, atol=0.03)
+
+
+def test_determinism_with_generator_and_timestep_types():
+    scheduler = AnalyticDPMScheduler(gamma=[0.9] * 1000)
+    scheduler.set_timesteps(10)
+    model_output, sample = random_model_output(0)
+    t = scheduler.timesteps[0]
+    a = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(5)).prev_sample
+    b = scheduler.step(model_output, int(t), sample, generator=torch.Generator().manual_seed(5)).prev_sample
+    c = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(6)).prev_sample
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="either `generator` or `variance_noise`"):
+        scheduler.step(model_output, t, sample, generator=torch.Generator(), variance_noise=torch.randn_like(sample))
+
+
+def test_trained_betas_and_add_noise():
+    betas = np.linspace(1e-4, 0.02, 1000)
+    ours = AnalyticDPMScheduler(trained_betas=betas, gamma=[0.5] * 1000)
+    theirs = DDPMScheduler(trained_betas=betas)
+    torch.testing.assert_close(ours.betas, theirs.betas)
+    assert isinstance(ours.config.trained_betas, list)
+    x0, noise = random_model_output(0)
+    timesteps = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, timesteps), theirs.add_noise(x0, noise, timesteps))
+    torch.testing.assert_close(ours.get_velocity(x0, noise, timesteps), theirs.get_velocity(x0, noise, timesteps))
+    assert len(ours) == 1000 and ours.init_noise_sigma == 1.0 and ours.order == 1
+    torch.testing.assert_close(ours.scale_model_input(x0, 3), x0)
+
+
+def test_custom_timesteps_and_previous_timestep():
+    scheduler = AnalyticDPMScheduler(gamma=[0.5] * 1000)
+    scheduler.set_timesteps(timesteps=[999, 500, 20, 0])
+    assert [scheduler.previous_timestep(t) for t in scheduler.timesteps] == [500, 20, 0, -1]
+    with pytest.raises(ValueError, match="descending"):
+        scheduler.set_timesteps(timesteps=[10, 20])
+    with pytest.raises(ValueError, match="not on the current trajectory"):
+        scheduler.step(torch.zeros(1, 1, 2, 2), 7, torch.zeros(1, 1, 2, 2))
+
+
+def test_zero_terminal_snr_with_v_prediction_is_finite():
+    scheduler = AnalyticDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                     timestep_spacing="trailing", gamma=[0.99] * 1000)
+    assert scheduler.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
+    scheduler.set_timesteps(10)
+    x = torch.randn(2, 1, 4, 4)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.randn_like(x), t, x).prev_sample
+        assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="clip_variance"):
+        AnalyticDPMScheduler(rescale_betas_zero_snr=True, clip_variance=False)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_step_without_gamma_says_how_to_estimate():
+    scheduler = AnalyticDPMScheduler()
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match="estimate_gamma"):
+        scheduler.step(torch.zeros(1, 1, 4, 4), scheduler.timesteps[0], torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("gamma,match", [([0.5] * 999, "one value per training timestep"),
+                                         ([0.5] * 999 + [float("nan")], "non-finite"),
+                                         (["a"] * 1000, "list of floats")])
+def test_bad_gamma_tables(gamma, match):
+    with pytest.raises(ValueError, match=match):
+        AnalyticDPMScheduler(gamma=gamma)
+
+
+def test_too_many_inference_steps():
+    with pytest.raises(ValueError, match="num_inference_steps <= 1000"):
+        AnalyticDPMScheduler(gamma=[0.5] * 1000).set_timesteps(1001)
+
+
+def test_non_finite_model_output():
+    scheduler = AnalyticDPMScheduler(gamma=[0.5] * 1000)
+    scheduler.set_timesteps(10)
+    bad = torch.zeros(1, 1, 4, 4)
+    bad[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        scheduler.step(bad, scheduler.timesteps[0], torch.zeros(1, 1, 4, 4))
+
+
+def test_wrong_channel_count_points_to_sn_scheduler():
+    scheduler = AnalyticDPMScheduler(gamma=[0.5] * 1000)
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match="SNDPMScheduler"):
+        scheduler.step(torch.zeros(1, 2, 4, 4), scheduler.timesteps[0], torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("clip_variance", [True, False])
+def test_gamma_slightly_outside_unit_interval_gives_no_nan(clip_variance):
+    gamma = torch.full((1000,), 1.02)
+    gamma[::2] = -0.01
+    scheduler = AnalyticDPMScheduler(gamma=gamma, clip_variance=clip_variance, clip_sample=False)
+    scheduler.set_timesteps(50)
+    x = torch.randn(4, 1, 4, 4)
+    for t in scheduler.timesteps:
+        out = scheduler.step(torch.randn_like(x), t, x)
+        assert torch.isfinite(out.prev_sample).all() and torch.isfinite(out.variance).all()
+        x = out.prev_sample
+
+
+def test_last_step_sigma_clip_caps_only_the_step_onto_tau_1():
+    scheduler = AnalyticDPMScheduler(gamma=[0.0] * 1000, last_step_sigma_clip=1.0, timestep_spacing="linspace")
+    free = AnalyticDPMScheduler.from_config(scheduler.config, last_step_sigma_clip=None)
+    for s in (scheduler, free):
+        s.set_timesteps(10)
+    x = torch.zeros(1, 1, 4, 4)
+    variances = [scheduler.step(x, t, x).variance.item() for t in scheduler.timesteps]
+    free_variances = [free.step(x, t, x).variance.item() for t in free.timesteps]
+    cap = (2 / 255 * np.sqrt(np.pi / 2)) ** 2
+    assert variances[-2] == pytest.approx(cap) and free_variances[-2] > cap
+    assert variances[:-2] == free_variances[:-2] and variances[-1] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+
+def test_ddpm_and_ddim_pipelines(tiny_unet, tmp_path):
+    scheduler = AnalyticDPMScheduler(gamma=[0.9] * 1000)
+    pipe = DDPMPipeline(unet=tiny_unet, scheduler=scheduler)
+    image = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (2, 8, 8, 1) and np.isfinite(image).all()
+
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"][0].startswith("analytic_schedulers") and index["scheduler"][1] == "AnalyticDPMScheduler"
+    reloaded = DDPMPipeline.from_pretrained(tmp_path)
+    assert isinstance(reloaded.scheduler, AnalyticDPMScheduler)
+    again = reloaded(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                     output_type="np").images
+    np.testing.assert_allclose(again, image, atol=1e-5)
+
+    ddim = DDIMPipeline(unet=tiny_unet, scheduler=DDIMScheduler())
+    ddim.scheduler = AnalyticDPMScheduler.from_config(ddim.scheduler.config, gamma=[0.9] * 1000)
+    out = ddim(batch_size=2, num_inference_steps=5, eta=0.0, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert out.shape == (2, 8, 8, 1) and np.isfinite(out).all()
