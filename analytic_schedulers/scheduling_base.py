@@ -6,7 +6,6 @@ The subclasses differ only in how they read the model output and in the estimate
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -43,6 +42,25 @@ class ReverseStepOutput(BaseOutput):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
     variance: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ReverseStepDistribution:
+    """The Gaussian of one reverse step `x_t -> x_s`, before any noise is drawn.
+
+    Args:
+        mean: `mu`, shaped like the sample.
+        variance: `sigma^2`, a 0-dim tensor or one value per dimension; zero after the last timestep.
+        pred_original_sample: `x0_hat` (clipped when `clip_sample`).
+        pred_epsilon: `eps_hat` as used by the mean.
+        prev_timestep: `s`, or -1 when the step returns the clean sample.
+    """
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    pred_original_sample: torch.Tensor
+    pred_epsilon: torch.Tensor
+    prev_timestep: int
 
 
 def validate_gamma(gamma, num_train_timesteps: int) -> Optional[torch.Tensor]:
@@ -227,12 +245,47 @@ class ReverseVarianceSchedulerMixin:
         Returns:
             `ReverseStepOutput` or `tuple`: `(prev_sample, pred_original_sample, variance)`.
         """
+        if variance_noise is not None and generator is not None:
+            raise ValueError("Pass either `generator` or `variance_noise`, not both.")
+        step = self.step_distribution(model_output, timestep, sample, eta, use_clipped_model_output)
+        mean, variance = step.mean, step.variance
+        if step.prev_timestep < 0:  # the last step returns the mean x0_hat with no noise
+            prev_sample = mean
+        else:
+            if variance_noise is None:
+                # drawn in the compute dtype, so that a seed gives the same sample in fp16, bf16 and fp32
+                variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device,
+                                              dtype=mean.dtype)
+            elif variance_noise.shape != sample.shape:
+                raise ValueError(
+                    f"`variance_noise` has shape {tuple(variance_noise.shape)}, expected {tuple(sample.shape)}."
+                )
+            prev_sample = mean + variance.sqrt() * variance_noise.to(mean.dtype)
+        prev_sample, x0_hat = prev_sample.to(sample.dtype), step.pred_original_sample.to(sample.dtype)
+        if not return_dict:
+            return prev_sample, x0_hat, variance
+        return ReverseStepOutput(prev_sample=prev_sample, pred_original_sample=x0_hat, variance=variance)
+
+    def step_distribution(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        eta: Optional[float] = None,
+        use_clipped_model_output: Optional[bool] = None,
+        apply_last_step_sigma_clip: bool = True,
+    ) -> "ReverseStepDistribution":
+        """
+        The Gaussian `p(x_s | x_t) = N(mean, variance)` of one reverse step, without drawing from it.
+
+        Arguments as in `step`; `apply_last_step_sigma_clip=False` ignores `last_step_sigma_clip` (likelihoods never
+        use it). After the last timestep (`prev_timestep == -1`) the mean is `x0_hat` and the variance zero.
+        Tensors are in float32 (float64 for float64 samples).
+        """
         config = self.config
         eta = config.eta if eta is None else float(eta)
         if eta < 0:
             raise ValueError(f"`eta` must be >= 0, got {eta}.")
-        if variance_noise is not None and generator is not None:
-            raise ValueError("Pass either `generator` or `variance_noise`, not both.")
 
         # 1. the step t -> s; s = -1 after tau_1, where abar = 1 (the clean sample)
         t = int(timestep)
@@ -251,6 +304,8 @@ class ReverseVarianceSchedulerMixin:
             )
         eps_hat, x0_hat = rs.eps_and_x0_from_model_output(output.to(compute_dtype), x_t, abar_t,
                                                           config.prediction_type)
+        if extra is not None:
+            extra = extra.to(compute_dtype)
 
         # 3. clip or threshold x0_hat
         if config.thresholding:
@@ -258,50 +313,32 @@ class ReverseVarianceSchedulerMixin:
         elif config.clip_sample:
             x0_hat = x0_hat.clamp(-config.clip_sample_range, config.clip_sample_range)
 
-        # 4. the last step returns the mean x0_hat with no noise
+        zero = torch.zeros((), dtype=compute_dtype, device=sample.device)
         if s < 0:
-            prev_sample, variance = x0_hat, torch.zeros((), dtype=compute_dtype, device=sample.device)
-            return self._output(prev_sample, x0_hat, variance, sample.dtype, return_dict)
+            return ReverseStepDistribution(x0_hat, zero, x0_hat, eps_hat, s)
 
-        # 5. variance sigma^2 = lambda^2 + gamma_ts^2 * v, v bounded by Theorem 2
+        # 4. variance sigma^2 = lambda^2 + gamma_ts^2 * v, v bounded by Theorem 2
         lambda_sq = rs.ddim_lambda_sq(abar_t, abar_s, eta)
         coef_sq = rs.x0_coefficient_sq(abar_t, abar_s, lambda_sq)
         v = self._x0_variance(t, abar_t, eps_hat, extra)
         if config.clip_variance:
             v = rs.bound_x0_variance(v, config.max_x0_variance)
         variance = rs.reverse_variance(lambda_sq, coef_sq, v)
-        if config.last_step_sigma_clip is not None and s == self._trajectory[-1]:
-            cap = rs.last_step_variance_cap(config.last_step_sigma_clip)
+        clip_y = config.last_step_sigma_clip if apply_last_step_sigma_clip else None
+        if clip_y is not None and s == self._trajectory[-1]:
+            cap = rs.last_step_variance_cap(clip_y)
             variance = variance.clamp(max=cap) if isinstance(variance, torch.Tensor) else min(variance, cap)
+        if not isinstance(variance, torch.Tensor):
+            variance = zero + variance
 
-        # 6. mean: DDPM's posterior mean for eta = 1, the DDIM form (raw eps_hat) otherwise
+        # 5. mean: DDPM's posterior mean for eta = 1, the DDIM form (raw eps_hat) otherwise
         if eta == 1.0:
             mean = rs.ddpm_mean(x0_hat, x_t, abar_t, abar_s)
         else:
             if use_clipped_model_output:
                 eps_hat = rs.eps_from_x0(x0_hat, x_t, abar_t)
             mean = rs.ddim_mean(x0_hat, eps_hat, abar_s, lambda_sq)
-
-        # 7. add noise
-        if variance_noise is None:
-            # drawn in the compute dtype, so that a seed gives the same sample in fp16, bf16 and fp32
-            variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=compute_dtype)
-        elif variance_noise.shape != sample.shape:
-            raise ValueError(f"`variance_noise` has shape {tuple(variance_noise.shape)}, expected {tuple(sample.shape)}.")
-        if isinstance(variance, torch.Tensor):
-            std = variance.sqrt()
-        else:
-            std = math.sqrt(variance)
-            variance = torch.tensor(variance, dtype=compute_dtype, device=sample.device)
-        prev_sample = mean + std * variance_noise.to(compute_dtype)
-        return self._output(prev_sample, x0_hat, variance, sample.dtype, return_dict)
-
-    @staticmethod
-    def _output(prev_sample, x0_hat, variance, dtype, return_dict):
-        prev_sample, x0_hat = prev_sample.to(dtype), x0_hat.to(dtype)
-        if not return_dict:
-            return prev_sample, x0_hat, variance
-        return ReverseStepOutput(prev_sample=prev_sample, pred_original_sample=x0_hat, variance=variance)
+        return ReverseStepDistribution(mean, variance, x0_hat, eps_hat, s)
 
     # ------------------------------------------------------------------------------------------------ subclass hooks
 
