@@ -13,6 +13,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     # name: module under analytic_schedulers.cli
+    "sample": "sample",
 }
 
 
