@@ -89,7 +89,10 @@ def spaced_timesteps(
     elif spacing == "trailing":
         timesteps = np.round(np.arange(T, 0, -T / K)).astype(np.int64) - 1
     else:
-        raise ValueError(f"Unknown `timestep_spacing` {spacing!r}; choose one of {TIMESTEP_SPACINGS}.")
+        raise ValueError(
+            f"Unknown `timestep_spacing` {spacing!r}; choose one of {TIMESTEP_SPACINGS}, or 'optimal' (the "
+            "likelihood-optimal trajectory of a scheduler with a Gamma table)."
+        )
     return check_trajectory(timesteps, T)
 
 

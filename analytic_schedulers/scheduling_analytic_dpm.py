@@ -43,7 +43,8 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
         dynamic_thresholding_ratio (`float`, defaults to 0.995): the quantile of dynamic thresholding.
         sample_max_value (`float`, defaults to 1.0): the largest threshold of dynamic thresholding.
         timestep_spacing (`str`, defaults to `"leading"`): `"linspace"`, `"leading"` or `"trailing"`, as in
-            diffusers.
+            diffusers, or `"optimal"`: the K-step trajectory that minimises the negative ELBO, by dynamic
+            programming over the Gamma table (needs `gamma`; best for likelihood, the even spacings for FID).
         steps_offset (`int`, defaults to 0): offset added to `"leading"` timesteps.
         rescale_betas_zero_snr (`bool`, defaults to `False`): rescale the betas to zero terminal SNR.
         eta (`float`, defaults to 1.0): the forward family, `lambda^2 = eta^2 * tilde_beta`. 1.0 is Analytic-DDPM,
