@@ -104,12 +104,12 @@ class GaussianDataModel(ModelMixin, ConfigMixin):
         if output in ("sn", "npr"):
             h = eps_var + eps_mean**2 if output == "sn" else eps_var
             out = torch.cat([eps_mean, h], dim=1)
+        elif output == "epsilon":
+            out = eps_mean
         else:
             t = torch.as_tensor(timestep, device=sample.device).long().reshape(-1)
             abar = self.abar.to(sample.device)[t].reshape(-1, 1, 1, 1)
-            x = sample.double()
-            x0 = (x - (1 - abar).sqrt() * eps_mean) / abar.sqrt()
-            out = {"epsilon": eps_mean, "sample": x0,
-                   "v_prediction": abar.sqrt() * eps_mean - (1 - abar).sqrt() * x0}[output]
+            x0 = (sample.double() - (1 - abar).sqrt() * eps_mean) / abar.sqrt()
+            out = x0 if output == "sample" else abar.sqrt() * eps_mean - (1 - abar).sqrt() * x0
         out = out.to(sample.dtype)
         return UNet2DOutput(sample=out) if return_dict else (out,)

@@ -64,9 +64,15 @@ class ReverseStepDistribution:
 
 
 def validate_gamma(gamma, num_train_timesteps: int) -> Optional[torch.Tensor]:
-    """Checks a Gamma table (list, numpy array or tensor) and returns it as a float64 tensor, or `None`."""
+    """Checks a Gamma table (list, numpy array, tensor or complete `GammaEstimate`) and returns it as a float64
+    tensor, or `None`."""
     if gamma is None:
         return None
+    if hasattr(gamma, "gamma") and hasattr(gamma, "is_complete"):  # a `GammaEstimate`
+        if not gamma.is_complete:
+            raise ValueError("This Gamma estimate covers only some timesteps; use "
+                             "`estimate.to_scheduler(config, fill='interpolate')` or `gamma=estimate.filled()`.")
+        gamma = gamma.gamma
     if isinstance(gamma, torch.Tensor):
         table = gamma.detach().to("cpu", torch.float64)
     else:
@@ -173,8 +179,24 @@ class ReverseVarianceSchedulerMixin:
 
     def _spaced_trajectory(self, num_inference_steps: int) -> np.ndarray:
         config = self.config
-        return spaced_timesteps(num_inference_steps, config.num_train_timesteps, config.timestep_spacing,
-                                config.steps_offset)
+        if config.timestep_spacing != "optimal":
+            return spaced_timesteps(num_inference_steps, config.num_train_timesteps, config.timestep_spacing,
+                                    config.steps_offset)
+        # "optimal": the K-step trajectory minimising Analytic-DDPM's NELBO, by DP over the Gamma table (cached per K)
+        from .trajectory import optimal_trajectory
+
+        gamma = getattr(self, "gamma_table", None)
+        if gamma is None:
+            raise ValueError(
+                "`timestep_spacing='optimal'` chooses the trajectory from the Gamma table, and this scheduler has "
+                "none (`gamma_from_batch` cannot serve: the trajectory is fixed before the first batch). " + GAMMA_HELP
+            )
+        max_x0_variance = getattr(config, "max_x0_variance", 1.0) if getattr(config, "clip_variance", True) else None
+        key = (int(num_inference_steps), max_x0_variance)
+        cache = self.__dict__.setdefault("_optimal_trajectory_cache", {})
+        if key not in cache:
+            cache[key] = optimal_trajectory(gamma, self._abar64, key[0], max_x0_variance)[0]
+        return cache[key].copy()
 
     def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
         """The next lower timestep of the trajectory, or -1 after `tau_1` (the clean sample)."""

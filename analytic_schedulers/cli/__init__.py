@@ -13,7 +13,10 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     # name: module under analytic_schedulers.cli
+    "estimate-gamma": "estimate_gamma",
+    "nll": "nll",
     "sample": "sample",
+    "train-head": "train_head",
 }
 
 
