@@ -1,0 +1,45 @@
+"""Estimate the Gamma table of a pretrained pipeline once, and save it as a ready scheduler folder.
+
+    python examples/estimate_gamma.py --model google/ddpm-cifar10-32 --data cifar10 --num-samples 50000 \
+        --output ./ddpm-cifar10-gamma
+    accelerate launch --num_processes 4 examples/estimate_gamma.py ...     # the same on 4 GPUs
+
+`--data` is `cifar10` (needs `pip install datasets`), an image folder, or `sklearn-digits`. Then share it:
+`huggingface_hub.upload_folder(repo_id="you/ddpm-cifar10-analytic", folder_path="./ddpm-cifar10-gamma",
+path_in_repo="scheduler")`.
+"""
+
+import argparse
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMPipeline
+
+from _data import load_images
+from analytic_schedulers import estimate_gamma
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="google/ddpm-cifar10-32")
+    parser.add_argument("--data", default="cifar10")
+    parser.add_argument("--num-samples", type=int, default=50000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="ddpm-cifar10-gamma")
+    args = parser.parse_args()
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    pipe = DDPMPipeline.from_pretrained(args.model).to(accelerator.device)
+    images = load_images(args.data, "train", pipe.unet.config.sample_size, limit=args.num_samples)
+    estimate = estimate_gamma(pipe.unet, images, pipe.scheduler, num_samples=args.num_samples,
+                              batch_size=args.batch_size, generator=args.seed, accelerator=accelerator,
+                              progress=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        estimate.to_scheduler(pipe.scheduler).save_pretrained(args.output)
+        print(f"Gamma from {estimate.num_samples} images; largest standard error {estimate.stderr.max():.4f}; "
+              f"wrote {args.output}/scheduler_config.json")
+
+
+if __name__ == "__main__":
+    main()
