@@ -43,9 +43,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--head", default=None,
                         help="noise-square head folder for sn-*/npr-* samplers (default: the model's "
                              "sn_head/ or npr_head/ folder)")
-    parser.add_argument("--last-step-sigma-clip", type=float, default=None, metavar="Y",
-                        help="clip the std of the step onto the last timestep to Y*2/255*sqrt(pi/2) "
-                             "(papers: 1 or 2; default: off)")
+    parser.add_argument("--last-step-sigma-clip", type=_clip_value, default=1.0, metavar="Y",
+                        help="for this package's samplers, clip the std of the step onto the last timestep to "
+                             "Y*2/255*sqrt(pi/2), as the papers do when sampling (they use 1, or 2 for CIFAR10 "
+                             "and CelebA); 'none' switches it off (default: 1)")
     parser.add_argument("--spacing", default=None, choices=["linspace", "leading", "trailing", "optimal"],
                         help="timestep spacing (default: the model's scheduler config)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
@@ -54,6 +55,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG (default: 4)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
+
+
+def _clip_value(text: str):
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("Y must be positive, or 'none'")
+    return value
 
 
 def _head_model(unet, head: str, covariance_type: str):
