@@ -1,12 +1,9 @@
 """`analytic-schedulers sample` on a tiny model folder laid out like a real pipeline."""
 
-import json
-import os
 import subprocess
 import sys
 
 import pytest
-import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
 

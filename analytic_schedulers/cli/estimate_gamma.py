@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import CommandError
+from . import CommandError, _images
 
-DIGITS = ("sklearn-digits", "digits")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONFIG_NAME = "scheduler_config.json"
 ESTIMATE_NAME = "gamma_estimate.json"
 PARTIAL_NAME = "gamma_partial.json"
@@ -166,56 +163,7 @@ def _sample_shape(model) -> Tuple[int, int, int]:
 def load_images(data: str, shape: Tuple[int, int, int], num_samples: Optional[int], seed: int) -> torch.Tensor:
     """The training images `[M, C, H, W]` in `[-1, 1]`, resized to the model's sample size."""
     channels, height, width = shape
-    if data in DIGITS:
-        if height != width:
-            raise CommandError(f"sklearn-digits gives square images; the model wants {height}x{width}.")
-        from ..datasets import digits_images
-
-        try:
-            images = digits_images(split="train", size=height)
-        except (ImportError, ValueError) as error:
-            raise CommandError(str(error)) from None
-        if channels != 1:
-            images = images.expand(-1, channels, -1, -1).contiguous()
-        return images[:num_samples] if num_samples is not None else images
-    folder = Path(data)
-    if not folder.is_dir():
-        raise CommandError(f"--data {data!r} is neither an image folder nor 'sklearn-digits'.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise CommandError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {data!r}.")
-    random.Random(seed).shuffle(files)  # a random subset when M is smaller than the folder
-    files = files[:num_samples] if num_samples is not None else files
-    return torch.stack([_load_image(path, channels, height, width) for path in files])
-
-
-def _load_image(path: Path, channels: int, height: int, width: int) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            image = _center_crop_resize(image, height, width)
-            pixels = np.asarray(image, dtype=np.float32)
-    except OSError as error:
-        raise CommandError(f"Could not read image {str(path)!r}: {error}") from None
-    tensor = torch.from_numpy(pixels.copy())
-    tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    if channels not in (1, 3):
-        raise CommandError(f"Image folders give 1 or 3 channels; the model wants {channels}.")
-    return tensor / 127.5 - 1.0
-
-
-def _center_crop_resize(image, height: int, width: int):
-    from PIL import Image
-
-    w, h = image.size
-    scale = max(width / w, height / h)
-    crop_w, crop_h = round(width / scale), round(height / scale)
-    left, top = (w - crop_w) // 2, (h - crop_h) // 2
-    image = image.crop((left, top, left + crop_w, top + crop_h))
-    return image.resize((width, height), Image.BICUBIC) if image.size != (width, height) else image
+    return _images.load_images(data, "train", channels, height, width, num_samples, seed)
 
 
 def _parse_timesteps(args, scheduler) -> Optional[List[int]]:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from pathlib import Path
 
 import torch
 
-from . import CommandError
+from . import CommandError, _images
 
 #: The samplers of `analytic_schedulers.sampling` whose ELBO is finite (eta = 1).
 LIKELIHOOD_SAMPLERS = ("analytic-ddpm", "analytic-ddpm-optimal", "ddpm", "ddpm-large", "sn-ddpm", "npr-ddpm")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def add_parser(subparsers) -> None:
@@ -52,40 +50,9 @@ def add_parser(subparsers) -> None:
 
 
 def load_images(data: str, split: str, channels: int, size: int) -> torch.Tensor:
-    """8-bit images in `[-1, 1]`, `[N, channels, size, size]`: sklearn's digits or an image folder."""
-    if data == "sklearn-digits":
-        from ..datasets import digits_images
-
-        if channels != 1:
-            raise CommandError(f"sklearn-digits has 1 channel; the model expects {channels}.")
-        try:
-            x = digits_images(split, size)
-        except (ValueError, ImportError) as error:
-            raise CommandError(str(error)) from None
-        return torch.round((x + 1) * 127.5) / 127.5 - 1  # the 8-bit grid
-    folder = Path(data)
-    if not folder.is_dir():
-        raise CommandError(f"--data must be 'sklearn-digits' or a folder of images; {data!r} is neither.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise CommandError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {data!r}.")
-    import numpy as np
-    from PIL import Image
-
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise CommandError(f"Image folders need a 1- or 3-channel model, got {channels} channels.")
-    arrays = []
-    for path in files:
-        with Image.open(path) as image:
-            if image.size != (size, size):
-                raise CommandError(
-                    f"{path.name} is {image.size[0]}x{image.size[1]}, the model takes {size}x{size}: resize the "
-                    "images first (the likelihood of resized images is of a different data set)."
-                )
-            arrays.append(np.asarray(image.convert(mode), dtype=np.uint8).reshape(size, size, channels))
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
-    return pixels / 127.5 - 1.0
+    """8-bit images in `[-1, 1]`, `[N, channels, size, size]`: sklearn's digits or an image folder (not resized)."""
+    x = _images.load_images(data, split, channels, size, size, resize=False)
+    return torch.round((x + 1) * 127.5) / 127.5 - 1  # the 8-bit grid
 
 
 def _scheduler_and_model(args, unet, base_config, gamma):

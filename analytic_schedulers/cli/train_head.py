@@ -6,9 +6,8 @@ import argparse
 import os
 from typing import Optional, Tuple
 
-from . import CommandError
+from . import CommandError, _images
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def add_parser(subparsers) -> None:
@@ -77,43 +76,7 @@ def load_backbone(model: str) -> Tuple["object", "object", str, Optional[str]]:
 
 def load_images(data: str, channels: int, size: int):
     """Training images `[N, C, size, size]` in `[-1, 1]`."""
-    import torch
-    import torch.nn.functional as F
-
-    if data == "sklearn-digits":
-        if channels != 1:
-            raise CommandError(f"sklearn-digits has 1 channel but the model takes {channels}.")
-        try:
-            from ..datasets import digits_images
-        except ImportError as error:
-            raise CommandError(f"sklearn-digits needs analytic_schedulers.datasets: {error}") from None
-        try:
-            return digits_images(split="train", size=size)
-        except (ImportError, ValueError) as error:
-            raise CommandError(str(error)) from None
-    if not os.path.isdir(data):
-        raise CommandError(f"--data must be 'sklearn-digits' or a folder of images; {data} is neither.")
-    from PIL import Image
-
-    import numpy as np
-
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(data) for name in names
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        raise CommandError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data}.")
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise CommandError(f"image folders need a 1- or 3-channel model, this one has {channels} channels.")
-    images = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert(mode).resize((size, size), Image.BICUBIC), dtype=np.float32)
-        except OSError as error:
-            raise CommandError(f"cannot read {path}: {error}") from None
-        images.append(torch.from_numpy(array.reshape(size, size, channels)).permute(2, 0, 1))
-    x = torch.stack(images) / 127.5 - 1.0
-    return F.interpolate(x, size=(size, size)) if x.shape[-1] != size else x
+    return _images.load_images(data, "train", channels, size, size)
 
 
 def run(args: argparse.Namespace) -> int:
