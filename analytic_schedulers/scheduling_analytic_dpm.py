@@ -14,7 +14,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 
 from . import reverse_step as rs
-from .scheduling_base import GAMMA_HELP, ReverseStepOutput, ReverseVarianceSchedulerMixin, validate_gamma
+from .scheduling_base import GAMMA_HELP, ReverseStepOutput, ReverseVarianceSchedulerMixin
 
 AnalyticDPMSchedulerOutput = ReverseStepOutput
 
@@ -87,13 +87,7 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
         max_x0_variance: float = 1.0,
         last_step_sigma_clip: Optional[float] = None,
     ):
-        self.gamma_table = validate_gamma(gamma, num_train_timesteps)
-        # the config keeps JSON-able lists only
-        self.register_to_config(
-            gamma=None if self.gamma_table is None else self.gamma_table.tolist(),
-            trained_betas=None if trained_betas is None else np.asarray(trained_betas, dtype=np.float64).tolist(),
-        )
-        self._init_schedule()
+        self._init_schedule(gamma)
 
     def _split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         if model_output.shape != sample.shape:

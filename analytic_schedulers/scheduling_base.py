@@ -103,7 +103,15 @@ class ReverseVarianceSchedulerMixin:
 
     # ------------------------------------------------------------------------------------------------ set-up
 
-    def _init_schedule(self) -> None:
+    def _init_schedule(self, gamma) -> None:
+        """Validates the config and derives the schedule; `gamma` is the table as passed to `__init__`."""
+        self.gamma_table = validate_gamma(gamma, self.config.num_train_timesteps)
+        # the config keeps JSON-able lists only
+        trained_betas = self.config.trained_betas
+        self.register_to_config(
+            gamma=None if self.gamma_table is None else self.gamma_table.tolist(),
+            trained_betas=None if trained_betas is None else np.asarray(trained_betas, dtype=np.float64).tolist(),
+        )
         config = self.config
         self.betas = make_betas(
             config.num_train_timesteps,

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 
 from . import reverse_step as rs
-from .scheduling_base import ReverseStepOutput, ReverseVarianceSchedulerMixin, validate_gamma
+from .scheduling_base import ReverseStepOutput, ReverseVarianceSchedulerMixin
 
 SNDPMSchedulerOutput = ReverseStepOutput
 
@@ -110,13 +110,7 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
                 f"`covariance_type` must be 'sn' (h ~ E[eps^2 | x_t]) or 'npr' (h ~ E[(eps - eps_hat)^2 | x_t]), "
                 f"got {covariance_type!r}."
             )
-        self.gamma_table = validate_gamma(gamma, num_train_timesteps)
-        # the config keeps JSON-able lists only
-        self.register_to_config(
-            gamma=None if self.gamma_table is None else self.gamma_table.tolist(),
-            trained_betas=None if trained_betas is None else np.asarray(trained_betas, dtype=np.float64).tolist(),
-        )
-        self._init_schedule()
+        self._init_schedule(gamma)
 
     def _split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         channels = sample.shape[1] if sample.ndim > 1 else None
