@@ -14,16 +14,9 @@ import torch
 
 from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel
 from analytic_schedulers.gamma import GammaEstimate, GammaSums, estimate_gamma, fill_missing, mean_square_per_sample
+from helpers import sample_loop
 
 S = 0.3  # data std of the isotropic Gaussian check
-
-
-def sample_loop(scheduler, model, num_samples, seed=0, shape=(1, 8, 8), **step_kwargs):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((num_samples, *shape), generator=g)
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
-    return x
 
 
 def gaussian_setup(output="epsilon", **config):

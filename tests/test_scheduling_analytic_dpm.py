@@ -8,16 +8,9 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel
+from helpers import sample_loop
 
 S = 0.3  # data std of the isotropic Gaussian check
-
-
-def sample_loop(scheduler, model, num_samples, seed=0, shape=(1, 8, 8), **step_kwargs):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((num_samples, *shape), generator=g)
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
-    return x
 
 
 def exact_setup(**config):

@@ -12,18 +12,11 @@ from analytic_schedulers import reverse_step as rs
 from analytic_schedulers.gaussian import GaussianDataModel
 from analytic_schedulers.scheduling_analytic_dpm import AnalyticDPMScheduler
 from analytic_schedulers.scheduling_sn_dpm import SNDPMScheduler
+from helpers import sample_loop
 
 # per-pixel data std of the anisotropic check (8x8, one channel)
 STDS = torch.linspace(0.05, 0.6, 64)
 NUM_SAMPLES = 8000
-
-
-def sample_loop(scheduler, model, num_samples, seed=0, shape=(1, 8, 8), **step_kwargs):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((num_samples, *shape), generator=g)
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
-    return x
 
 
 @pytest.fixture
