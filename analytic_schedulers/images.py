@@ -71,6 +71,9 @@ def save_atomically(image: Image.Image, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

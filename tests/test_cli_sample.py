@@ -1,5 +1,6 @@
 """`analytic-schedulers sample` on a tiny model folder laid out like a real pipeline."""
 
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,12 @@ def test_help_documents_every_flag():
     for flag in ["--model", "--scheduler", "--compare", "--steps", "--num-images", "--seed", "--output", "--gamma",
                  "--head", "--device", "--dtype", "--last-step-sigma-clip", "--spacing"]:
         assert flag in result.stdout
+
+
+def test_written_png_has_the_usual_permissions(model_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(model_dir), "--scheduler", "ddpm", "--steps", "2", "--num-images", "1",
+                 "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
