@@ -113,3 +113,11 @@ def head_location(model: Optional[str], covariance_type: str) -> Optional[str]:
     location = model_location(model)
     folder = Path(location) / f"{covariance_type}_head"
     return str(folder) if _is_local(location) and folder.is_dir() else None
+
+
+def load_model_and_schedule(model: Optional[str], subfolder: Optional[str] = None, gamma: Optional[str] = None,
+                            **unet_kwargs):
+    """`(unet, scheduler config as a dict, Gamma table or None)` of a model location (see `load_unet`,
+    `load_scheduler_config`, `load_gamma`)."""
+    unet = load_unet(model, subfolder, **unet_kwargs)
+    return unet, dict(load_scheduler_config(model)), load_gamma(gamma, model)

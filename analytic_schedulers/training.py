@@ -4,7 +4,7 @@ The recipe of Bao et al. (ICML 2022): the pretrained noise network stays frozen;
 `||h - eps^2||^2` (SN) or `||h - (eps - eps_hat)^2||^2` (NPR), `t` uniform over the training timesteps, Adam, EMA of the
 head's weights. The loss here is the mean over all elements (a constant multiple of the papers' sum of squares).
 
-Checkpoints hold no pickles: tensors (head, EMA, Adam's moments, RNG state) in safetensors files, scalars and the
+Checkpoints are safetensors and JSON only: tensors (head, EMA, Adam's moments, RNG state) in safetensors files, scalars and the
 optimizer's hyperparameters in JSON.
 """
 

@@ -12,15 +12,6 @@ from analytic_schedulers.noise_square_head import NoiseSquareHeadModel
 from analytic_schedulers.scheduling_sn_dpm import SNDPMScheduler
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops on a tiny model: one thread is several times faster than two on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_unet(channels=1, out_channels=None, seed=0):
     torch.manual_seed(seed)
     return UNet2DModel(

@@ -19,15 +19,6 @@ STDS = torch.linspace(0.05, 0.6, 64)
 NUM_SAMPLES = 8000
 
 
-@pytest.fixture
-def one_thread():
-    """Many small tensor ops: one thread is several times faster than two on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def per_pixel_std_ratio(samples):
     return samples.std(dim=0).flatten() / STDS
 
@@ -37,7 +28,7 @@ def per_pixel_std_ratio(samples):
 
 @pytest.mark.parametrize("eta", [1.0, 0.0])
 @pytest.mark.parametrize("K", [10, 25])
-def test_exact_on_anisotropic_gaussian_where_analytic_dpm_fails(K, eta, one_thread):
+def test_exact_on_anisotropic_gaussian_where_analytic_dpm_fails(K, eta):
     # Analytic-DPM with the exact Gamma table: one variance per step cannot fit per-pixel stds from 0.05 to 0.6
     base = AnalyticDPMScheduler(timestep_spacing="linspace", clip_sample=False, eta=eta)
     eps_model = GaussianDataModel.from_scheduler(base, data_std=STDS)
@@ -60,7 +51,7 @@ def test_exact_on_anisotropic_gaussian_where_analytic_dpm_fails(K, eta, one_thre
         assert abs(ratio.mean().item() - 1) < 0.01
 
 
-def test_exact_with_v_prediction_h_is_about_eps(one_thread):
+def test_exact_with_v_prediction_h_is_about_eps():
     """The first C channels may be a v prediction; h stays E[eps^2 | x_t] (converted eps_hat is used)."""
     base = SNDPMScheduler(timestep_spacing="linspace", clip_sample=False, prediction_type="v_prediction")
     model = GaussianDataModel.from_scheduler(base, data_std=STDS, output="sn")

@@ -14,15 +14,6 @@ SCHEDULER = DDPMScheduler()
 TRAIN = dict(batch_size=32, lr=1e-3, progress=False, log_every=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops on a tiny model: one thread is several times faster than two on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_unet(seed=0, sample_size=8):
     torch.manual_seed(seed)
     return UNet2DModel(

@@ -122,11 +122,10 @@ def run(args) -> int:
     else:
         device = torch.device(args.device)
     try:
-        unet = pretrained.load_unet(args.model, args.subfolder).to(device).eval()
-        base_config = dict(pretrained.load_scheduler_config(args.model))
-        gamma = pretrained.load_gamma(args.gamma, args.model)
+        unet, base_config, gamma = pretrained.load_model_and_schedule(args.model, args.subfolder, args.gamma)
     except ValueError as error:
         raise CommandError(str(error)) from None
+    unet = unet.to(device).eval()
     if args.spacing:
         base_config["timestep_spacing"] = args.spacing
     scheduler, model, name = _scheduler_and_model(args, unet, base_config, gamma)

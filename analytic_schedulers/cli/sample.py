@@ -98,11 +98,11 @@ def run(args) -> int:
     device = torch.device(args.device) if args.device else state.device
     dtype = DTYPES[args.dtype]
     try:
-        unet = pretrained.load_unet(args.model, args.subfolder, torch_dtype=dtype).to(device).eval()
-        base_config = dict(pretrained.load_scheduler_config(args.model))
-        gamma = pretrained.load_gamma(args.gamma, args.model)
+        unet, base_config, gamma = pretrained.load_model_and_schedule(args.model, args.subfolder, args.gamma,
+                                                                      torch_dtype=dtype)
     except ValueError as error:
         raise CommandError(str(error)) from None
+    unet = unet.to(device).eval()
     if args.spacing:
         base_config["timestep_spacing"] = args.spacing
     if args.steps > base_config.get("num_train_timesteps", 1000):
