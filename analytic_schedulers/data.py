@@ -1,0 +1,189 @@
+"""Image data for the package's tasks and commands: one reader of image sources, one unpacker of batches.
+
+A source is `sklearn-digits` (offline, see `datasets.py`), a folder of image files (searched recursively), or the name
+of a Hugging Face dataset (`cifar10`, `user/name`) when the `datasets` library is installed. Images come back as
+float32 `[N, C, H, W]` in `[-1, 1]`, the range diffusion models are trained on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+DIGITS = "sklearn-digits"
+DIGITS_NAMES = (DIGITS, "digits")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Keys under which a dict batch (or a Hugging Face dataset row) holds its images, in the order they are tried.
+IMAGE_KEYS = ("pixel_values", "images", "image", "img", "input")
+
+__all__ = ["DIGITS", "DataError", "images_from_batch", "load_images", "quantize_8bit"]
+
+
+class DataError(ValueError):
+    """Image data that cannot be used, with what to do about it."""
+
+
+def load_images(
+    source: str,
+    shape: Tuple[int, int, int],
+    split: str = "train",
+    num_samples: Optional[int] = None,
+    seed: int = 0,
+    resize: bool = True,
+) -> torch.Tensor:
+    """
+    Images `[N, C, H, W]` in `[-1, 1]` (float32) from a named source.
+
+    Args:
+        source: `"sklearn-digits"`, a folder of images, or a Hugging Face dataset name (needs `datasets`).
+        shape: `(C, H, W)` the model takes; C is 1 (grey) or 3 (RGB); digits are replicated to C channels.
+        split: the split of digits (`train`, `test`, `all`) or of a Hugging Face dataset; ignored for folders.
+        num_samples: at most this many images: a seeded random subset of a folder, the first of a dataset.
+        seed: seeds the choice of that subset.
+        resize: center-crop and resize images of another size; `False` makes that an error (for likelihoods,
+            where resized images are another data set).
+
+    Raises:
+        DataError: a source that does not exist or holds no usable images, saying what would work.
+    """
+    channels, height, width = shape
+    if num_samples is not None and num_samples < 1:
+        raise DataError(f"The number of images must be at least 1, got {num_samples}.")
+    if source in DIGITS_NAMES:
+        images = _digits(split, channels, height, width)
+        return images[:num_samples] if num_samples is not None else images
+    if channels not in (1, 3):
+        raise DataError(f"Image files give 1 or 3 channels; the model takes {channels}.")
+    if os.path.isdir(source):
+        pictures = _folder_pictures(Path(source), num_samples, seed)
+    elif _looks_like_path(source):
+        raise DataError(f"The data folder {source!r} does not exist. " + _SOURCES_HELP)
+    else:
+        pictures = _hf_dataset_pictures(source, split, num_samples)
+    return torch.stack([_to_tensor(picture, name, channels, height, width, resize) for name, picture in pictures])
+
+
+_SOURCES_HELP = (f"Pass a folder of images ({', '.join(IMAGE_EXTENSIONS)}), {DIGITS!r}, or the name of a Hugging "
+                 "Face dataset (with `pip install datasets`).")
+
+
+def _looks_like_path(source: str) -> bool:
+    """A missing folder rather than a dataset name (`name` or `user/name`)."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
+
+
+def _digits(split: str, channels: int, height: int, width: int) -> torch.Tensor:
+    from .datasets import digits_images
+
+    if height != width:
+        raise DataError(f"{DIGITS} gives square images; the model takes {height}x{width}.")
+    try:
+        images = digits_images(split=split, size=height)
+    except (ImportError, ValueError) as error:
+        raise DataError(str(error)) from None
+    return images.expand(-1, channels, -1, -1).contiguous() if channels != 1 else images
+
+
+def _folder_pictures(folder: Path, num_samples: Optional[int], seed: int):
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(folder)!r}.")
+    if num_samples is not None and num_samples < len(files):
+        random.Random(seed).shuffle(files)
+        files = files[:num_samples]
+    for path in files:
+        try:
+            with Image.open(path) as picture:
+                picture.load()
+                yield path.name, picture
+        except OSError as error:
+            raise DataError(f"Could not read image {str(path)!r}: {error}") from None
+
+
+def _hf_dataset_pictures(name: str, split: str, num_samples: Optional[int]):
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"{name!r} is not a folder, and reading it as a Hugging Face dataset needs the `datasets` "
+                        "library (pip install datasets). " + _SOURCES_HELP) from None
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as error:  # not found, offline, gated: say which and how to go on
+        raise DataError(f"Could not load the Hugging Face dataset {name!r} (split {split!r}): {error}. "
+                        + _SOURCES_HELP) from None
+    count = len(dataset) if num_samples is None else min(num_samples, len(dataset))
+    if count == 0:
+        raise DataError(f"The Hugging Face dataset {name!r} (split {split!r}) is empty.")
+    key = next((k for k in IMAGE_KEYS if k in dataset[0]), None)
+    if key is None:
+        raise DataError(f"The Hugging Face dataset {name!r} has no image column (looked for {IMAGE_KEYS}).")
+    for index in range(count):
+        yield f"{name}[{index}]", dataset[index][key]
+
+
+def _to_tensor(picture, name: str, channels: int, height: int, width: int, resize: bool) -> torch.Tensor:
+    picture = picture.convert("L" if channels == 1 else "RGB")
+    if picture.size != (width, height):
+        if not resize:
+            raise DataError(
+                f"{name} is {picture.size[0]}x{picture.size[1]}, the model takes {width}x{height}: resize the images "
+                "first (the likelihood of resized images is that of another data set)."
+            )
+        picture = _center_crop_resize(picture, height, width)
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).copy())
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+def _center_crop_resize(picture, height: int, width: int):
+    from PIL import Image
+
+    w, h = picture.size
+    scale = max(width / w, height / h)
+    crop_w, crop_h = round(width / scale), round(height / scale)
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    return picture.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BICUBIC)
+
+
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Images in `[-1, 1]` rounded onto the 8-bit grid `{-1 + 2k/255}` that the discretised likelihood needs."""
+    return torch.round((images.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+def images_from_batch(batch) -> torch.Tensor:
+    """
+    The image tensor `[B, C, H, W]` of a batch: a tensor or numpy array, the first element of a tuple/list, or a
+    dict's entry under one of `IMAGE_KEYS` (`pixel_values`, `images`, `image`, `img`, `input`).
+
+    Raises:
+        ValueError / TypeError: for anything else, or images that are not floats (map uint8 with `x / 127.5 - 1`).
+    """
+    if isinstance(batch, dict):
+        key = next((k for k in IMAGE_KEYS if k in batch), None)
+        if key is None:
+            raise ValueError(f"A dict batch needs one of the keys {IMAGE_KEYS}; got keys {sorted(batch)}.")
+        batch = batch[key]
+    elif isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError("Got an empty tuple/list as a batch.")
+        batch = batch[0]
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(
+            f"Expected image batches as tensors (or tuples/lists/dicts holding them), got {type(batch).__name__}."
+        )
+    if batch.ndim < 2:
+        raise ValueError(f"Expected a batch of images `[B, C, H, W]`, got shape {tuple(batch.shape)}.")
+    if not batch.is_floating_point():
+        raise ValueError(
+            f"Expected float images in [-1, 1], got dtype {batch.dtype}. For uint8 images use `x / 127.5 - 1`."
+        )
+    return batch

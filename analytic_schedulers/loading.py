@@ -1,0 +1,266 @@
+"""Where models, schedules, Gamma tables and heads come from: the bundled model, a local folder, or the Hub.
+
+A model location is a diffusers pipeline layout (`model_index.json`, `unet/`, `scheduler/`, as
+`DDPMPipeline.save_pretrained` writes it) or a bare model folder (`config.json` and weights). Beside the pipeline's own
+folders this package looks for:
+
+- `analytic_scheduler/scheduler_config.json`: an `AnalyticDPMScheduler` config with the Gamma table (what
+  `analytic-schedulers estimate-gamma` writes),
+- `sn_head/`, `npr_head/`: trained noise-square heads (`NoiseSquareHead` folders), composed with `unet/` at load time.
+
+Every command, example and benchmark loads through these functions, so the same bad location gives the same error
+everywhere (`LoadError`, a `ValueError` whose message ends with the fix).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "ddpm-digits-16"
+GAMMA_SUBFOLDER = "analytic_scheduler"
+HEAD_SUBFOLDERS = {"sn": "sn_head", "npr": "npr_head"}
+MODEL_CONFIG = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+PIPELINE_INDEX = "model_index.json"
+
+MODEL_HELP = ("Pass a diffusers pipeline folder (with model_index.json and unet/), a model folder (config.json and "
+              "weights), or a Hub id such as google/ddpm-cifar10-32.")
+
+__all__ = [
+    "BUNDLED_MODEL", "LoadError", "LoadedModel", "load", "load_gamma", "load_head", "load_model",
+    "load_scheduler_config", "model_location",
+]
+
+
+class LoadError(ValueError):
+    """A model, schedule, table or head that cannot be found or read, with what to do about it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Locations and configs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_location(model: Optional[str]) -> str:
+    """`model` itself, or the bundled digits model for `None`; a local path that does not exist is an error."""
+    if model is None:
+        if not (BUNDLED_MODEL / "unet").is_dir():
+            raise LoadError(f"The bundled model is missing from {BUNDLED_MODEL}; reinstall the package.")
+        return str(BUNDLED_MODEL)
+    model = os.fspath(model)
+    if not os.path.isdir(model) and _looks_like_path(model):
+        raise LoadError(f"The model folder {model!r} does not exist. {MODEL_HELP}")
+    return model
+
+
+def _looks_like_path(location: str) -> bool:
+    """A local path rather than a Hub id (`name` or `org/name`)."""
+    return location.startswith((".", "/", "~")) or location.count("/") > 1 or (os.sep != "/" and os.sep in location)
+
+
+def _is_local(location: str) -> bool:
+    return os.path.isdir(location)
+
+
+def has_file(location: str, subfolder: Optional[str], filename: str) -> bool:
+    """Whether `location` (folder or Hub id) holds `subfolder/filename`; offline, a Hub file counts if cached."""
+    if _is_local(location):
+        return (Path(location) / (subfolder or "") / filename).is_file()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(location, filename, subfolder=subfolder)
+        return True
+    except Exception:  # not there, offline without a cached copy, gated: absent for this purpose
+        return False
+
+
+def read_config(location: str, subfolder: Optional[str], filename: str = MODEL_CONFIG) -> Optional[Dict[str, Any]]:
+    """The JSON config `subfolder/filename` of a folder or Hub id, or `None` when there is none."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    reader = DDPMScheduler if filename == SCHEDULER_CONFIG else UNet2DModel  # `load_config` reads any such file
+    if _is_local(location) and not (Path(location) / (subfolder or "") / filename).is_file():
+        return None
+    try:
+        return dict(reader.load_config(location, subfolder=subfolder))
+    except (OSError, ValueError):
+        return None
+
+
+def _hub_error(location: str, subfolder: Optional[str], error: Exception) -> LoadError:
+    where = location + (f" (subfolder {subfolder!r})" if subfolder else "")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    hint = (" The Hub is switched off (HF_HUB_OFFLINE=1) and no copy is cached: download it once online, or pass "
+            "a local folder.") if offline else ""
+    return LoadError(f"Could not load {where}: {first_line}.{hint} {MODEL_HELP}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and schedules
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_subfolder(location: str, subfolder: Optional[str] = None) -> Optional[str]:
+    """The subfolder of the denoising model: `subfolder` if given, `unet` in a pipeline, else the root."""
+    if subfolder is not None:
+        return subfolder or None
+    if has_file(location, None, PIPELINE_INDEX) or has_file(location, "unet", MODEL_CONFIG):
+        return "unet"
+    return None
+
+
+def model_class(class_name: Optional[str]):
+    """The class named by a model config's `_class_name`: a diffusers model or one of this package's."""
+    import diffusers
+
+    from . import noise_square_head
+
+    cls = getattr(diffusers, class_name or "", None) or getattr(noise_square_head, class_name or "", None)
+    if cls is None:
+        raise LoadError(f"Unknown model class {class_name!r}: expected a diffusers model such as UNet2DModel.")
+    return cls
+
+
+def load_model(model: Optional[str] = None, subfolder: Optional[str] = None, torch_dtype=None, **hub_kwargs):
+    """
+    The denoising model of a location: `(model, subfolder)`, the model in `eval()` mode.
+
+    Any diffusers model class works (`UNet2DModel`, `UNet2DConditionModel`, ...), as named by its `config.json`.
+    """
+    location = model_location(model)
+    subfolder = model_subfolder(location, subfolder)
+    config = read_config(location, subfolder)
+    if config is None:
+        where = f"{location!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        if _is_local(location):
+            raise LoadError(f"{where} holds no diffusers model: no config.json in it or in unet/. {MODEL_HELP}")
+        raise _hub_error(location, subfolder, OSError("no config.json found"))
+    cls = model_class(config.get("_class_name"))
+    try:
+        network = cls.from_pretrained(location, subfolder=subfolder, torch_dtype=torch_dtype, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        raise _hub_error(location, subfolder, error) from None
+    return network.eval(), subfolder
+
+
+def load_scheduler_config(model: Optional[str] = None, scheduler: Optional[str] = None,
+                          subfolder: Optional[str] = None) -> Dict[str, Any]:
+    """
+    The noise schedule the model was trained with, as a scheduler config dict: from `scheduler` (a folder or Hub id,
+    its root or `scheduler/`), else the pipeline's `scheduler/`, else beside the model.
+
+    Raises:
+        LoadError: when there is none; a table or sampler built on a guessed schedule would be silently wrong.
+    """
+    if scheduler is not None:
+        candidates = [(model_location(scheduler), None), (model_location(scheduler), "scheduler")]
+    else:
+        location = model_location(model)
+        candidates = [(location, "scheduler"), (location, subfolder), (location, None)]
+    for location, sub in candidates:
+        config = read_config(location, sub, SCHEDULER_CONFIG)
+        if config is not None:
+            return config
+    where = scheduler if scheduler is not None else model_location(model)
+    raise LoadError(
+        f"No scheduler_config.json found for {where!r}: samplers and Gamma tables depend on the noise schedule the "
+        "model was trained with. Pass --scheduler (Python: `scheduler=`) with a folder or Hub id holding the model's "
+        "scheduler_config.json."
+    )
+
+
+def load_gamma(source: Optional[str] = None, model: Optional[str] = None) -> Optional[List[float]]:
+    """
+    The Gamma table of a scheduler folder or Hub id (a `scheduler_config.json` with `gamma`, at its root or in
+    `analytic_scheduler/`). With `source=None`, the model's own `analytic_scheduler/`, or `None` when it has none.
+    """
+    if source is None:
+        config = read_config(model_location(model), GAMMA_SUBFOLDER, SCHEDULER_CONFIG)
+        return None if config is None else config.get("gamma")
+    location = model_location(source)
+    config = read_config(location, None, SCHEDULER_CONFIG) or read_config(location, GAMMA_SUBFOLDER, SCHEDULER_CONFIG)
+    if config is None:
+        raise LoadError(f"No scheduler_config.json in {source!r} or its {GAMMA_SUBFOLDER}/: pass the folder that "
+                        "`analytic-schedulers estimate-gamma --output` wrote, or its Hub id.")
+    if config.get("gamma") is None:
+        raise LoadError(f"The scheduler config at {source!r} has no `gamma` table; estimate one with "
+                        "`analytic-schedulers estimate-gamma`.")
+    return config["gamma"]
+
+
+def load_head(unet, covariance_type: str, head: Optional[str] = None, model: Optional[str] = None):
+    """
+    The `NoiseSquareHeadModel` of `unet` with a trained head: from `head` (a head folder or Hub id), else the
+    model's `sn_head/` or `npr_head/`; `None` when neither is given nor present.
+
+    Raises:
+        LoadError: a head that cannot be read, or that was trained for the other covariance type.
+    """
+    from .noise_square_head import load_head_model
+
+    if head is not None:
+        location, subfolder = model_location(head), None
+    else:
+        location, subfolder = model_location(model), HEAD_SUBFOLDERS[covariance_type]
+        if not has_file(location, subfolder, MODEL_CONFIG):
+            return None
+    try:
+        head_model = load_head_model(location, unet=unet, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"Could not load the noise-square head at {location!r}"
+                        f"{f' (subfolder {subfolder!r})' if subfolder else ''}: {error}") from None
+    if head_model.covariance_type != covariance_type:
+        raise LoadError(f"The head at {location!r} was trained as {head_model.covariance_type!r}, not "
+                        f"{covariance_type!r}: pass the {covariance_type} head, or use the "
+                        f"{head_model.covariance_type} samplers.")
+    return head_model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Everything a command needs, at once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A denoising model with its schedule, Gamma table and (lazily) heads, as `load` found them."""
+
+    unet: Any
+    scheduler_config: Dict[str, Any]
+    gamma: Optional[List[float]]
+    location: str
+    subfolder: Optional[str]
+    name: str
+    _heads: Dict[Tuple[str, Optional[str]], Any] = field(default_factory=dict, repr=False)
+
+    def head_model(self, covariance_type: str, head: Optional[str] = None):
+        """The model with its `covariance_type` head (see `load_head`), or `None` when there is none."""
+        key = (covariance_type, head)
+        if key not in self._heads:
+            self._heads[key] = load_head(self.unet, covariance_type, head=head, model=self.location)
+        return self._heads[key]
+
+    @property
+    def sample_shape(self) -> Tuple[int, int, int]:
+        """`(C, H, W)` of one sample, from the model's config."""
+        config = self.unet.config
+        size = config.get("sample_size")
+        if size is None or config.get("in_channels") is None:
+            raise LoadError(f"The model at {self.name} has no sample_size/in_channels in its config.")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return int(config["in_channels"]), int(height), int(width)
+
+
+def load(model: Optional[str] = None, subfolder: Optional[str] = None, scheduler: Optional[str] = None,
+         gamma: Optional[str] = None, torch_dtype=None) -> LoadedModel:
+    """The model, its scheduler config and its Gamma table (`load_model`, `load_scheduler_config`, `load_gamma`)."""
+    location = model_location(model)
+    unet, subfolder = load_model(location, subfolder, torch_dtype=torch_dtype)
+    config = load_scheduler_config(location, scheduler, subfolder)
+    name = model if model is not None else f"bundled {BUNDLED_MODEL.name}"
+    return LoadedModel(unet, config, load_gamma(gamma, location), location, subfolder, name)
