@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 #: Keys under which a dict batch (or a Hugging Face dataset row) holds its images, in the order they are tried.
 IMAGE_KEYS = ("pixel_values", "images", "image", "img", "input")
 
-__all__ = ["DIGITS", "DataError", "images_from_batch", "load_images", "quantize_8bit"]
+__all__ = ["DIGITS", "DataError", "images_from_batch", "load_images", "quantize_8bit", "shard_images"]
 
 
 class DataError(ValueError):
@@ -187,3 +187,64 @@ def images_from_batch(batch) -> torch.Tensor:
             f"Expected float images in [-1, 1], got dtype {batch.dtype}. For uint8 images use `x / 127.5 - 1`."
         )
     return batch
+
+
+def shard_images(data, num_samples: Optional[int], rank: int = 0, world_size: int = 1,
+                 batch_size: int = 64) -> Tuple[torch.Tensor, int, Optional[int]]:
+    """
+    This process's images of `data`: the global indices `rank, rank + W, ...` below `M = min(num_samples, available)`.
+
+    `data` is a tensor or numpy array `[N, ...]`, a map-style `Dataset`, or an iterable of batches (see
+    `images_from_batch`). Tensors and map-style datasets load only this shard; other iterables are read up to M
+    images by every process (the model calls are split, the reading is not).
+
+    Returns:
+        `(shard [n, ...] float32 on the CPU, M, available or None when the data ran out before num_samples)`.
+    """
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"`num_samples` must be at least 1, got {num_samples}.")
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        data = images_from_batch(data)
+        available = data.shape[0]
+        used = available if num_samples is None else min(num_samples, available)
+        return data[rank:used:world_size].float().cpu(), used, available
+    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    if map_style and hasattr(data, "__len__"):
+        available = len(data)
+        used = available if num_samples is None else min(num_samples, available)
+        subset = torch.utils.data.Subset(data, range(rank, used, world_size))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+        parts = [images_from_batch(b).float().cpu() for b in loader]
+        if not parts:
+            empty = torch.empty(0) if available == 0 else images_from_batch(
+                torch.utils.data.default_collate([data[0]]))[:0].float()
+            return empty, used, available
+        return torch.cat(parts), used, available
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"`data` must be a tensor, a Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}."
+        )
+    return _shard_of_iterable(data, num_samples, rank, world_size)
+
+
+def _shard_of_iterable(data: Iterable, num_samples: Optional[int], rank: int,
+                       world_size: int) -> Tuple[torch.Tensor, int, Optional[int]]:
+    parts: List[torch.Tensor] = []
+    seen, shape = 0, None
+    for batch in data:
+        images = images_from_batch(batch)
+        if shape is not None and images.shape[1:] != shape:
+            raise ValueError(f"Batches have different image shapes: {tuple(shape)} and {tuple(images.shape[1:])}.")
+        shape = images.shape[1:]
+        if num_samples is not None:
+            images = images[: num_samples - seen]
+        first = (rank - seen) % world_size  # the first index of this batch that is ours
+        parts.append(images[first::world_size].float().cpu())
+        seen += images.shape[0]
+        if num_samples is not None and seen >= num_samples:
+            return torch.cat(parts), seen, None
+    if seen == 0:
+        return torch.empty(0), 0, 0
+    return torch.cat(parts), seen, seen

@@ -1,7 +1,7 @@
 """Estimating the Gamma table of Analytic-DPM from a model and data, on one device or many (Accelerate).
 
 `Gamma_t = E ||eps_theta(x_t, t)||^2 / d` with `x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps`, `x_0` from the training
-data and one fresh `eps` per image and timestep (Bao et al., ICLR 2022, eq. 8; MATH.md, "Estimating Gamma"). The
+data and one fresh `eps` per image and timestep (Bao et al., ICLR 2022, eq. 8; `docs/method.md#estimating-gamma`). The
 Monte-Carlo estimate over M images is the mean of the per-image values `g_i = ||eps_hat_i||^2 / d`; its standard error
 is `std(g_i) / sqrt(M)`.
 
@@ -17,20 +17,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from . import reverse_step as rs
-from .schedule import alphas_cumprod_from_betas
+from .data import shard_images
+from .runtime import (GeneratorLike, call_model, make_generator, model_device_dtype, seed_of, stream_seed,
+                      write_json_atomically)
+from .schedule import alphas_cumprod_float64
 
 __all__ = ["GammaEstimate", "GammaSums", "estimate_gamma", "mean_square_per_sample"]
-
-DATA_KEYS = ("images", "pixel_values")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -56,8 +56,9 @@ class GammaSums:
     total_sq: torch.Tensor
 
     @classmethod
-    def zeros(cls, num_train_timesteps: int) -> "GammaSums":
-        z = lambda: torch.zeros(num_train_timesteps, dtype=torch.float64)  # noqa: E731
+    def zeros(cls, num_train_timesteps: int, device: Union[str, torch.device, None] = None) -> "GammaSums":
+        """Empty sums, on `device` (default CPU): accumulating where the model runs needs no host reads."""
+        z = lambda: torch.zeros(num_train_timesteps, dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(), z(), z())
 
     @property
@@ -65,9 +66,9 @@ class GammaSums:
         return self.count.numel()
 
     def add(self, timesteps: torch.Tensor, values: torch.Tensor) -> None:
-        """Adds the per-sample values `values[i] = g_i` observed at `timesteps[i]` (in place)."""
-        timesteps = torch.as_tensor(timesteps).long().flatten().cpu()
-        values = values.double().flatten().cpu()
+        """Adds the per-sample values `values[i] = g_i` observed at `timesteps[i]` (in place, on the sums' device)."""
+        timesteps = torch.as_tensor(timesteps).long().flatten().to(self.count.device)
+        values = values.double().flatten().to(self.count.device)
         self.count.index_add_(0, timesteps, torch.ones_like(values))
         self.total.index_add_(0, timesteps, values)
         self.total_sq.index_add_(0, timesteps, values * values)
@@ -232,7 +233,7 @@ class GammaEstimate:
         return cls.from_sums(GammaSums.from_stacked(stacked))
 
     def save(self, path: Union[str, os.PathLike], extra: Optional[Dict[str, Any]] = None) -> None:
-        """Writes the estimate as JSON, atomically (a temporary file, then `os.replace`)."""
+        """Writes the estimate as JSON, atomically (a reader never sees a half-written file)."""
         state = self.to_dict()
         if extra:
             state.update(extra)
@@ -244,181 +245,28 @@ class GammaEstimate:
             return cls.from_dict(json.load(f))
 
 
-def write_json_atomically(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
-    """Writes JSON to `path` so that a reader sees either the old file or the complete new one, never a half."""
-    write_text_atomically(path, json.dumps(state, allow_nan=False) + "\n")
-
-
-def write_text_atomically(path: Union[str, os.PathLike], text: str) -> None:
-    """Writes `text` to a temporary file in the same folder, syncs it, then renames it over `path` (`os.replace`)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: whatever the user has -> this process's shard of the first M images, as one tensor
+# The estimate: a loop that feeds the model with noised images and accumulates `GammaSums`
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def images_from_batch(batch) -> torch.Tensor:
-    """The image tensor `[B, C, H, W]` of a batch: a tensor, the first element of a tuple/list, or a dict's
-    `"images"` / `"pixel_values"`."""
-    if isinstance(batch, dict):
-        for key in DATA_KEYS:
-            if key in batch:
-                batch = batch[key]
-                break
-        else:
-            raise ValueError(f"A dict batch needs one of the keys {DATA_KEYS}; got keys {sorted(batch)}.")
-    elif isinstance(batch, (tuple, list)):
-        if len(batch) == 0:
-            raise ValueError("Got an empty tuple/list as a batch.")
-        batch = batch[0]
-    if isinstance(batch, np.ndarray):
-        batch = torch.from_numpy(batch)
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"Expected image batches as tensors (or tuples/lists/dicts holding them), got {type(batch).__name__}."
-        )
-    if batch.ndim < 2:
-        raise ValueError(f"Expected a batch of images `[B, C, H, W]`, got shape {tuple(batch.shape)}.")
-    if not batch.is_floating_point():
-        raise ValueError(
-            f"Expected float images in [-1, 1], got dtype {batch.dtype}. For uint8 images use `x / 127.5 - 1`."
-        )
-    return batch
+@dataclass
+class _Run:
+    """Everything one process needs for the loop, fixed before the first model call."""
 
-
-def shard_images(data, num_samples: Optional[int], rank: int, world_size: int,
-                 batch_size: int) -> Tuple[torch.Tensor, int, Optional[int]]:
-    """
-    This process's images: global indices `rank, rank + W, ...` below `M = min(num_samples, available)`.
-
-    Returns `(shard [n, ...] float32 on CPU, M, available or None when the data ran out before num_samples)`.
-    Tensors and map-style datasets load only this shard; other iterables are read up to M images by every process
-    (the model calls are split, the reading is not).
-    """
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"`num_samples` must be at least 1, got {num_samples}.")
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(data)
-    if isinstance(data, torch.Tensor):
-        data = images_from_batch(data)
-        available = data.shape[0]
-        used = available if num_samples is None else min(num_samples, available)
-        return data[rank:used:world_size].float().cpu(), used, available
-    map_style = isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
-    if map_style and hasattr(data, "__len__"):
-        available = len(data)
-        used = available if num_samples is None else min(num_samples, available)
-        subset = torch.utils.data.Subset(data, range(rank, used, world_size))
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
-        parts = [images_from_batch(b).float().cpu() for b in loader]
-        return (torch.cat(parts) if parts else _empty_like_dataset(data)), used, available
-    if not isinstance(data, Iterable):
-        raise TypeError(
-            f"`data` must be a tensor, a Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}."
-        )
-    parts: List[torch.Tensor] = []
-    seen = 0
-    shape = None
-    for batch in data:
-        images = images_from_batch(batch)
-        if shape is not None and images.shape[1:] != shape:
-            raise ValueError(f"Batches have different image shapes: {tuple(shape)} and {tuple(images.shape[1:])}.")
-        shape = images.shape[1:]
-        if num_samples is not None:
-            images = images[: num_samples - seen]
-        first = (rank - seen) % world_size  # the first index of this batch that is ours
-        parts.append(images[first::world_size].float().cpu())
-        seen += images.shape[0]
-        if num_samples is not None and seen >= num_samples:
-            return torch.cat(parts), seen, None
-    if seen == 0:
-        return torch.empty(0), 0, 0
-    return torch.cat(parts), seen, seen
-
-
-def _empty_like_dataset(data) -> torch.Tensor:
-    return torch.empty(0) if len(data) == 0 else images_from_batch(
-        torch.utils.data.default_collate([data[0]]))[:0].float()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The model-calling loop
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _abar_float64(scheduler) -> torch.Tensor:
-    abar = getattr(scheduler, "_abar64", None)
-    if abar is not None:
-        return abar.double().cpu()
-    if getattr(scheduler, "betas", None) is not None:
-        return alphas_cumprod_from_betas(scheduler.betas).cpu()
-    return torch.as_tensor(scheduler.alphas_cumprod).double().cpu()
-
-
-def _timestep_seed(seed: int, rank: int, world_size: int, t: int) -> int:
-    # one independent stream per (run seed, process, timestep): a resumed run redraws exactly the same noise
-    return int(np.random.SeedSequence([seed, world_size, rank, t]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _model_output_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "sample"):
-        return output.sample
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        f"The model returned {type(output).__name__}; expected a tensor, a diffusers output with `.sample` or a tuple."
-    )
-
-
-def _model_device_dtype(model) -> Tuple[torch.device, torch.dtype]:
-    if isinstance(model, torch.nn.Module):
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32) else None
-                return tensor.device, dtype or torch.float32
-    return torch.device("cpu"), torch.float32
-
-
-def _check_range(shard: torch.Tensor, reduce_max: Callable[[torch.Tensor], torch.Tensor], warn: bool) -> None:
-    local = torch.tensor([shard.max().item(), -shard.min().item()] if shard.numel() else [-math.inf, -math.inf],
-                         dtype=torch.float64)
-    high, neg_low = reduce_max(local).tolist()
-    low = -neg_low
-    if not warn or not math.isfinite(high):
-        return
-    tolerance = 1e-3
-    if high > 1 + tolerance or low < -1 - tolerance:
-        hint = " They look like [0, 255]: use `x / 127.5 - 1`." if high > 2 and low >= 0 else ""
-        warnings.warn(
-            f"The images range over [{low:.3g}, {high:.3g}], outside [-1, 1] where diffusion models are trained; "
-            f"Gamma estimated from them is not the model's.{hint} Images in [0, 1] map to [-1, 1] with `x * 2 - 1`.",
-            stacklevel=3,
-        )
-    elif low >= 0 and high <= 1 + tolerance:
-        warnings.warn(
-            f"All image values lie in [{low:.3g}, {high:.3g}] (none negative): if your images are in [0, 1], map "
-            "them to [-1, 1] with `x * 2 - 1` first.",
-            stacklevel=3,
-        )
+    rank: int
+    world_size: int
+    is_main: bool
+    device: torch.device
+    dtype: torch.dtype
+    abar: List[float]
+    prediction_type: str
+    shard: torch.Tensor
+    shard_kwargs: Dict[str, torch.Tensor]
+    todo: List[int]
+    images_per_call: int
+    timesteps_per_call: int
+    seed: int
 
 
 def estimate_gamma(
@@ -428,7 +276,7 @@ def estimate_gamma(
     num_samples: Optional[int] = None,
     batch_size: int = 64,
     timesteps: Optional[Sequence[int]] = None,
-    generator: Optional[Union[int, torch.Generator]] = None,
+    generator: GeneratorLike = None,
     accelerator=None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
@@ -436,22 +284,25 @@ def estimate_gamma(
     return_stderr: bool = True,
     resume_from: Optional[Union[GammaEstimate, GammaSums]] = None,
     callback: Optional[Callable[[GammaSums], None]] = None,
+    model_kwargs: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Union[GammaEstimate, torch.Tensor]:
     """
     Estimates `Gamma_t = E ||eps_theta(x_t, t)||^2 / d` (Analytic-DPM, Bao et al. ICLR 2022, eq. 8) by Monte Carlo:
     for each of M images `x_0` and each timestep `t`, one fresh `eps`, `x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps`,
     one model call. M*T calls for the full table (the papers: M = 50,000 on CIFAR10, 10,000 on CelebA/ImageNet 64).
+    See `docs/method.md#estimating-gamma`.
 
     Args:
         model (`Callable`):
-            `model(x_t, t)` with `t` a long tensor `[N]`, returning a tensor, a diffusers output with `.sample`
-            (e.g. `UNet2DModel`) or a tuple; of the sample's shape, predicting the scheduler's `prediction_type`
-            (converted to `eps` here). Put it on the device and in eval mode (a module in training mode is switched
-            to eval for the run). Wrap conditional models: `lambda x, t: unet(x, t, encoder_hidden_states=...)`.
+            `model(x_t, t, **model_kwargs)` with `t` a long tensor `[N]`, returning a tensor, a diffusers output with
+            `.sample` (e.g. `UNet2DModel`) or a tuple; of the sample's shape, predicting the scheduler's
+            `prediction_type` (converted to `eps` here). Put it on the device and in eval mode (a module in training
+            mode is switched to eval for the run).
         data:
-            Training images in `[-1, 1]`: a tensor `[N, C, H, W]`, a map-style `Dataset`, or a `DataLoader` /
-            iterable of batches (tensors, tuples/lists whose first element is the images, or dicts with `"images"` or
-            `"pixel_values"`). The first M images are used and kept in memory (this process's shard of them).
+            Training images in `[-1, 1]` (or a latent model's latents): a tensor `[N, C, H, W]`, a map-style
+            `Dataset`, or a `DataLoader` / iterable of batches (tensors, tuples/lists whose first element is the
+            images, or dicts with `"pixel_values"`, `"images"`, ...). The first M images are used and kept in memory
+            (this process's shard of them).
         scheduler:
             The model's noise schedule: any diffusers scheduler (`alphas_cumprod`, `config.prediction_type`).
         num_samples (`int`, *optional*):
@@ -479,149 +330,165 @@ def estimate_gamma(
             Earlier results: their estimated timesteps are skipped and their sums kept.
         callback (`Callable[[GammaSums], None]`, *optional*):
             Called on every process after each group of timesteps with the global sums so far (for checkpoints).
+        model_kwargs (`Dict[str, torch.Tensor]`, *optional*):
+            Per-image inputs of the model, each `[N, ...]` aligned with the images (e.g. one caption embedding per
+            image as `encoder_hidden_states`); sharded and batched with them and passed as `model(x_t, t, **kw)`.
 
     Returns:
         `GammaEstimate`, or a float64 tensor `[T]` with NaN at timesteps not estimated when `return_stderr=False`.
     """
-    # 1. processes and devices
-    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    is_main = accelerator.is_local_main_process if accelerator else True
-    model_device, model_dtype = _model_device_dtype(model)
-    device = torch.device(device) if device is not None else (accelerator.device if accelerator else model_device)
-    dtype = dtype or model_dtype
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+    resumed = _resumed_sums(resume_from, len(alphas_cumprod_float64(scheduler)))
+    run = _prepare(model, data, scheduler, num_samples, batch_size, timesteps, generator, accelerator, device, dtype,
+                   resumed, model_kwargs)
+    local = GammaSums.zeros(len(run.abar), device=run.device)
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    bar = _progress_bar(run, progress)
+    try:
+        with torch.inference_mode():
+            for g in range(0, len(run.todo), run.timesteps_per_call):
+                group = run.todo[g:g + run.timesteps_per_call]
+                _estimate_group(model, run, group, local, bar)
+                if callback is not None:
+                    callback(_checked(resumed + _reduced(local, accelerator), group))
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training:
+            model.train()
+    total = _checked(resumed + _reduced(local, accelerator), run.todo)
+    estimate = GammaEstimate.from_sums(total)
+    return estimate if return_stderr else estimate.gamma
 
-    def reduce_sum(x: torch.Tensor) -> torch.Tensor:
-        if accelerator is None or world_size == 1:
-            return x
-        return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
-    def reduce_max(x: torch.Tensor) -> torch.Tensor:
-        if accelerator is None or world_size == 1:
-            return x
-        return accelerator.gather(x.to(accelerator.device)[None]).cpu().amax(dim=0)
+def _resumed_sums(resume_from, num_train_timesteps: int) -> GammaSums:
+    if resume_from is None:
+        return GammaSums.zeros(num_train_timesteps)
+    resumed = resume_from.sums if isinstance(resume_from, GammaEstimate) else resume_from
+    if resumed.num_train_timesteps != num_train_timesteps:
+        raise ValueError(f"`resume_from` has {resumed.num_train_timesteps} timesteps, the schedule "
+                         f"{num_train_timesteps}.")
+    return resumed
 
-    # 2. the schedule and the timesteps to estimate
-    abar = _abar_float64(scheduler)
-    T = abar.numel()
-    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
-    if timesteps is None:
-        wanted = list(range(T))
-    else:
-        wanted = sorted({int(t) for t in torch.as_tensor(timesteps).flatten().tolist()})
-        if not wanted or wanted[0] < 0 or wanted[-1] >= T:
-            raise ValueError(f"`timesteps` must be a non-empty list of integers in [0, {T - 1}].")
-    resumed = GammaSums.zeros(T)
-    if resume_from is not None:
-        resumed = resume_from.sums if isinstance(resume_from, GammaEstimate) else resume_from
-        if resumed.num_train_timesteps != T:
-            raise ValueError(f"`resume_from` has {resumed.num_train_timesteps} timesteps, the schedule {T}.")
 
-    # 3. this process's images
+def _prepare(model, data, scheduler, num_samples, batch_size, timesteps, generator, accelerator, device, dtype,
+             resumed: GammaSums, model_kwargs) -> _Run:
+    """Processes, the schedule, the timesteps still to do, this process's images, and how calls are packed."""
+    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    is_main = accelerator.is_local_main_process if accelerator else True
+    model_device, model_dtype = model_device_dtype(model)
+    device = torch.device(device) if device is not None else (accelerator.device if accelerator else model_device)
+    abar = alphas_cumprod_float64(scheduler).tolist()
+    wanted = _wanted_timesteps(timesteps, len(abar))
+
     shard, used, available = shard_images(data, num_samples, rank, world_size, batch_size)
     if used == 0:
         raise ValueError("`data` is empty: Gamma needs training images (in [-1, 1]).")
     if is_main and num_samples is not None and available is not None and num_samples > available:
         warnings.warn(f"`num_samples`={num_samples} but the data holds only {available} images; used all {used}.",
-                      stacklevel=2)
-    _check_range(shard, reduce_max, warn=is_main)
+                      stacklevel=3)
+    _check_range(shard, accelerator, warn=is_main)
+    _check_resumable(resumed, used)
+    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if isinstance(in_channels, int) and shard.numel() and shard.shape[1] != in_channels:
+        raise ValueError(f"The images have {shard.shape[1]} channels but the model expects {in_channels}.")
     done = set((resumed.count > 0).nonzero().flatten().tolist())
+    todo = [t for t in wanted if t not in done]
+    # packing from global quantities only, so that every process runs the same number of reductions
+    images_per_call = min(batch_size, math.ceil(used / world_size))
+    timesteps_per_call = max(1, min(batch_size // images_per_call, len(todo) or 1))
+    kwargs = {name: _aligned(name, value, used)[rank:used:world_size].to(device)
+              for name, value in (model_kwargs or {}).items()}
+    return _Run(rank, world_size, is_main, device, dtype or model_dtype, abar,
+                getattr(scheduler.config, "prediction_type", "epsilon"), shard.to(device), kwargs, todo,
+                images_per_call, timesteps_per_call, seed_of(generator))
+
+
+def _wanted_timesteps(timesteps: Optional[Sequence[int]], num_train_timesteps: int) -> List[int]:
+    if timesteps is None:
+        return list(range(num_train_timesteps))
+    wanted = sorted({int(t) for t in torch.as_tensor(timesteps).flatten().tolist()})
+    if not wanted or wanted[0] < 0 or wanted[-1] >= num_train_timesteps:
+        raise ValueError(f"`timesteps` must be a non-empty list of integers in [0, {num_train_timesteps - 1}].")
+    return wanted
+
+
+def _check_resumable(resumed: GammaSums, used: int) -> None:
+    done = (resumed.count > 0).nonzero().flatten().tolist()
     stale = [t for t in done if int(resumed.count[t].item()) != used]
     if stale:
         raise ValueError(
             f"`resume_from` holds {int(resumed.count[stale[0]].item())} samples at timestep {stale[0]}, but this run "
             f"uses {used}: resume with the same data and `num_samples`."
         )
-    todo = [t for t in wanted if t not in done]
-    in_channels = getattr(getattr(model, "config", None), "in_channels", None)
-    if isinstance(in_channels, int) and shard.numel() and shard.shape[1] != in_channels:
-        raise ValueError(f"The images have {shard.shape[1]} channels but the model expects {in_channels}.")
 
-    # 4. packing: images per call, and timesteps per call when there are fewer images than `batch_size`
-    # (from global quantities only, so that every process runs the same number of reductions)
-    per_process = math.ceil(used / world_size)
-    images_per_call = min(batch_size, per_process)
-    timesteps_per_call = max(1, min(batch_size // images_per_call, len(todo) or 1))
-    shard = shard.to(device)
-    n_local = shard.shape[0]
-    seed = _base_seed(generator)
 
-    # 5. the loop: groups of timesteps outside (so that finished timesteps can be checkpointed), images inside
-    local = GammaSums.zeros(T)
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if was_training:
-        model.eval()
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
+def _aligned(name: str, value, used: int) -> torch.Tensor:
+    value = torch.as_tensor(value)
+    if value.ndim == 0 or value.shape[0] < used:
+        raise ValueError(f"`model_kwargs[{name!r}]` must hold one entry per image ({used}), got shape "
+                         f"{tuple(value.shape)}.")
+    return value
 
-        calls = math.ceil(len(todo) / timesteps_per_call) * math.ceil(n_local / images_per_call)
-        bar = tqdm(total=calls, desc="Estimating Gamma", unit="call", dynamic_ncols=True)
-    try:
-        with torch.inference_mode():
-            for g in range(0, len(todo), timesteps_per_call):
-                group = todo[g:g + timesteps_per_call]
-                generators = [_make_generator(_timestep_seed(seed, rank, world_size, t), device) for t in group]
-                for start in range(0, n_local, images_per_call):
-                    x0 = shard[start:start + images_per_call]
-                    x_t, t_batch = _noised_batch(x0, group, abar, generators)
-                    output = _model_output_tensor(model(x_t.to(dtype), t_batch))
-                    if output.shape != x_t.shape:
-                        raise ValueError(_shape_error(output.shape, x_t.shape))
-                    values = _mean_square_of_eps(output, x_t, group, abar, prediction_type)
-                    if not torch.isfinite(values).all():
-                        raise ValueError(
-                            f"The model output at timesteps {group} contains NaN or Inf. With fp16, try bf16 or "
-                            "float32 for the model; otherwise check the images."
-                        )
-                    local.add(t_batch, values)
-                    if bar is not None:
-                        bar.update(1)
-                if callback is not None:
-                    callback(resumed + GammaSums.from_stacked(reduce_sum(local.stacked())))
-    finally:
+
+def _progress_bar(run: _Run, progress: bool):
+    if not (progress and run.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    calls = math.ceil(len(run.todo) / run.timesteps_per_call) * math.ceil(run.shard.shape[0] / run.images_per_call)
+    return tqdm(total=calls, desc="Estimating Gamma", unit="call", dynamic_ncols=True)
+
+
+def _estimate_group(model, run: _Run, group: List[int], local: GammaSums, bar) -> None:
+    """All of this process's images at the timesteps of `group`, `images_per_call` images a call."""
+    generators = [make_generator(stream_seed(run.seed, run.world_size, run.rank, t), run.device) for t in group]
+    for start in range(0, run.shard.shape[0], run.images_per_call):
+        rows = slice(start, start + run.images_per_call)
+        x_t, t_batch = _noised_batch(run.shard[rows], group, run.abar, generators)
+        kwargs = {name: value[rows].repeat(len(group), *([1] * (value.ndim - 1)))
+                  for name, value in run.shard_kwargs.items()}
+        output = call_model(model, x_t, t_batch, dtype=run.dtype, **kwargs)
+        if output.shape != x_t.shape:
+            raise ValueError(_shape_error(output.shape, x_t.shape))
+        local.add(t_batch, _mean_square_of_eps(output, x_t, group, run.abar, run.prediction_type))
         if bar is not None:
-            bar.close()
-        if was_training:
-            model.train()
-
-    # 6. the global sums, the same on every process
-    total = resumed + GammaSums.from_stacked(reduce_sum(local.stacked()))
-    estimate = GammaEstimate.from_sums(total)
-    return estimate if return_stderr else estimate.gamma
+            bar.update(1)
 
 
-def _base_seed(generator) -> int:
-    if generator is None:
-        return 0
-    if isinstance(generator, int):
-        return generator
-    if isinstance(generator, torch.Generator):
-        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    raise TypeError(f"`generator` must be an int seed or a torch.Generator, got {type(generator).__name__}.")
+def _reduced(local: GammaSums, accelerator) -> GammaSums:
+    """The sums of every process (on the CPU): one reduction, which is also this loop's only host read."""
+    stacked = local.stacked()
+    if accelerator is not None and accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="sum")
+    return GammaSums.from_stacked(stacked)
 
 
-def _make_generator(seed: int, device: torch.device) -> torch.Generator:
-    try:
-        return torch.Generator(device=device).manual_seed(seed)
-    except RuntimeError:  # devices without their own generators: draw on the CPU
-        return torch.Generator().manual_seed(seed)
+def _checked(sums: GammaSums, timesteps: List[int]) -> GammaSums:
+    bad = [t for t in timesteps if not math.isfinite(sums.total[t].item() + sums.total_sq[t].item())]
+    if bad:
+        raise ValueError(
+            f"The model output at timesteps {bad[:10]} contains NaN or Inf. With fp16, try bf16 or float32 for the "
+            "model; otherwise check the images."
+        )
+    return sums
 
 
-def _noised_batch(x0: torch.Tensor, group: List[int], abar: torch.Tensor,
+def _noised_batch(x0: torch.Tensor, group: List[int], abar: List[float],
                   generators: List[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
     """`x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps` for every timestep of `group`, concatenated along the batch."""
     parts, ts = [], []
     for t, gen in zip(group, generators):
         eps = torch.randn(x0.shape, generator=gen, device=gen.device, dtype=torch.float32).to(x0.device)
-        a = abar[t].item()
-        parts.append(math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps)
-        ts.append(torch.full((x0.shape[0],), t, dtype=torch.long))
-    return torch.cat(parts), torch.cat(ts).to(x0.device)
+        parts.append(math.sqrt(abar[t]) * x0 + math.sqrt(1.0 - abar[t]) * eps)
+        ts.append(torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device))
+    return torch.cat(parts), torch.cat(ts)
 
 
-def _mean_square_of_eps(output: torch.Tensor, x_t: torch.Tensor, group: List[int], abar: torch.Tensor,
+def _mean_square_of_eps(output: torch.Tensor, x_t: torch.Tensor, group: List[int], abar: List[float],
                         prediction_type: str) -> torch.Tensor:
     if prediction_type == "epsilon":  # eps is the output itself (also at zero-SNR timesteps, where x0 is undefined)
         return mean_square_per_sample(output)
@@ -629,9 +496,34 @@ def _mean_square_of_eps(output: torch.Tensor, x_t: torch.Tensor, group: List[int
     values = []
     for i, t in enumerate(group):
         rows = slice(i * n, (i + 1) * n)
-        eps, _ = rs.eps_and_x0_from_model_output(output[rows].float(), x_t[rows], abar[t].item(), prediction_type)
+        eps, _ = rs.eps_and_x0_from_model_output(output[rows].float(), x_t[rows], abar[t], prediction_type)
         values.append(mean_square_per_sample(eps))
     return torch.cat(values)
+
+
+def _check_range(shard: torch.Tensor, accelerator, warn: bool) -> None:
+    """Warns once when the images are not in [-1, 1] (all processes take part in the reduction)."""
+    local = torch.tensor([shard.max().item(), -shard.min().item()] if shard.numel() else [-math.inf, -math.inf],
+                         dtype=torch.float64)
+    if accelerator is not None and accelerator.num_processes > 1:
+        local = accelerator.gather(local.to(accelerator.device)[None]).cpu().amax(dim=0)
+    high, low = local[0].item(), -local[1].item()
+    if not warn or not math.isfinite(high):
+        return
+    tolerance = 1e-3
+    if high > 1 + tolerance or low < -1 - tolerance:
+        hint = " They look like [0, 255]: use `x / 127.5 - 1`." if high > 2 and low >= 0 else ""
+        warnings.warn(
+            f"The images range over [{low:.3g}, {high:.3g}], outside [-1, 1] where diffusion models are trained; "
+            f"Gamma estimated from them is not the model's.{hint} Images in [0, 1] map to [-1, 1] with `x * 2 - 1`.",
+            stacklevel=4,
+        )
+    elif low >= 0 and high <= 1 + tolerance:
+        warnings.warn(
+            f"All image values lie in [{low:.3g}, {high:.3g}] (none negative): if your images are in [0, 1], map "
+            "them to [-1, 1] with `x * 2 - 1` first.",
+            stacklevel=4,
+        )
 
 
 def _shape_error(output_shape, sample_shape) -> str:

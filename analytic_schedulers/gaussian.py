@@ -4,10 +4,10 @@ For data `x_0 ~ N(m, diag(s^2))` and `x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps`
 
 - `E[eps | x_t] = sqrt(bbar_t) (x_t - sqrt(abar_t) m) / (abar_t s^2 + bbar_t)`,
 - `Var[eps | x_t] = abar_t s^2 / (abar_t s^2 + bbar_t)`,
-- `Gamma_t = E||E[eps | x_t]||^2 / d = mean over dims of bbar_t / (abar_t s^2 + bbar_t)` when `m = 0`.
+- `Gamma_t = E||E[eps | x_t]||^2 / d = mean over dims of bbar_t / (abar_t s^2 + bbar_t)`, for any mean `m`.
 
-With this model the true reverse process is known, so it tells an exact sampler from an almost exact one (MATH.md,
-"A check that needs no trained model").
+With this model the true reverse process is known, so it tells an exact sampler from an almost exact one
+(`docs/method.md#checks-with-gaussian-data`).
 """
 
 from __future__ import annotations

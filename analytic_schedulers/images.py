@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
+
+from .runtime import write_atomically
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -20,21 +21,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def image_grid(images: torch.Tensor, nrow: int = 0, scale: int = 1, padding: int = 1) -> Image.Image:
-    """A grid of `images` (`[N, C, H, W]` in `[-1, 1]`), `nrow` images a row (square by default), upscaled."""
+    """A grid of `images` (`[N, C, H, W]` in `[-1, 1]`), `nrow` images a row (square by default), with white
+    `padding` between and around the images, upscaled by `scale` (diffusers' `make_image_grid` lays it out)."""
+    from diffusers.utils import make_image_grid
+
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y:y + h, x:x + w] = pixels[i]
-    mode = "L" if c == 1 else "RGB"
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid, mode=mode)
+    tiles = [Image.fromarray(p[..., 0] if c == 1 else p).convert("RGB") for p in pixels]
+    tiles += [Image.new("RGB", (w, h), "white")] * (rows * nrow - n)
+    tiles = [ImageOps.expand(tile, border=(0, 0, padding, padding), fill="white") for tile in tiles]
+    grid = ImageOps.expand(make_image_grid(tiles, rows=rows, cols=nrow), border=(padding, padding, 0, 0), fill="white")
     if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    return image
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid
 
 
 def labelled_panels(panels: Sequence[Tuple[str, Image.Image]], gap: int = 8, label_height: int = 16) -> Image.Image:
@@ -65,20 +66,8 @@ def check_writable(path: str) -> Path:
 
 
 def save_atomically(image: Image.Image, path: str) -> None:
-    """Writes a PNG to a temporary file beside `path`, then renames it: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes a PNG so that a reader never sees a half-written file (see `runtime.write_atomically`)."""
+    write_atomically(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def grids_by_name(named_images: List[Tuple[str, torch.Tensor]], scale: int) -> Image.Image:

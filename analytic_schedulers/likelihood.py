@@ -1,4 +1,4 @@
-"""Negative ELBO in bits/dim of a diffusion model on a K-step trajectory (MATH.md, "Likelihood").
+"""Negative ELBO in bits/dim of a diffusion model on a K-step trajectory (`docs/method.md#the-likelihood-elbo`).
 
 For data `x_0` on the 8-bit grid of `[-1, 1]` and a trajectory `tau_K > ... > tau_1` (the scheduler's `timesteps`):
 
@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import gaussian_math as gm
 from . import reverse_step as rs
+from .data import images_from_batch
+from .runtime import GeneratorLike, as_generator, call_model, make_generator, model_device_dtype, seed_of
+from .schedule import alphas_cumprod_float64
 
 QUANTIZE_HELP = "Quantize images in [-1, 1] to 8 bits first: `x = torch.round((x + 1) * 127.5) / 127.5 - 1`."
 DDPM_VARIANCES = {
@@ -112,12 +115,6 @@ def _check_scheduler(scheduler) -> None:
     )
 
 
-def _alphas_cumprod64(scheduler) -> List[float]:
-    if _is_reverse_variance_scheduler(scheduler):
-        return scheduler._abar64.tolist()
-    return torch.cumprod(1.0 - scheduler.betas.to(torch.float64), dim=0).tolist()
-
-
 def _model_step(scheduler, model_output: torch.Tensor, t: int, s: int, x_t: torch.Tensor,
                 abar: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(mean, variance, x0_hat)` of the scheduler's step `x_t -> x_s` (`s = -1`: only `x0_hat` is meaningful)."""
@@ -145,23 +142,11 @@ def _model_step(scheduler, model_output: torch.Tensor, t: int, s: int, x_t: torc
     return mean, torch.tensor(variance, dtype=x_t.dtype, device=x_t.device), x0_hat
 
 
-def _call_model(model, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    dtype = getattr(model, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-    timestep = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-    output = model(x_t.to(dtype), timestep)
-    if hasattr(output, "sample"):
-        output = output.sample
-    elif isinstance(output, (tuple, list)):
-        output = output[0]
-    return output
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 
 @torch.no_grad()
-def nelbo_terms_bpd(model, scheduler, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> NELBOTerms:
+def nelbo_terms_bpd(model, scheduler, x0: torch.Tensor, generator: GeneratorLike = None) -> NELBOTerms:
     """
     The prior, step and decoder terms of the negative ELBO of each image of `x0`, in bits/dim.
 
@@ -172,7 +157,8 @@ def nelbo_terms_bpd(model, scheduler, x0: torch.Tensor, generator: Optional[torc
     """
     _check_scheduler(scheduler)
     x0 = check_8bit_data(x0)
-    abar = _alphas_cumprod64(scheduler)
+    generator = as_generator(generator, x0.device)
+    abar = alphas_cumprod_float64(scheduler).tolist()
     if len(abar) < 2:
         raise ValueError("The decoder variance needs at least two training timesteps.")
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -193,24 +179,24 @@ def nelbo_terms_bpd(model, scheduler, x0: torch.Tensor, generator: Optional[torc
     steps = torch.zeros((batch, len(timesteps) - 1), dtype=torch.float64, device=x0.device)
     for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         x_t = noisy(t)
-        mean, variance, _ = _model_step(scheduler, _call_model(model, x_t, t), t, s, x_t, abar)
+        mean, variance, _ = _model_step(scheduler, call_model(model, x_t, t), t, s, x_t, abar)
         mean_q, variance_q = gm.ddpm_posterior(x0, x_t, abar[t], abar[s])
         steps[:, i] = sum_dims(gm.normal_kl(mean_q, variance_q, mean.to(torch.float64), variance.to(torch.float64)))
 
     # 3. decoder at tau_1: mean x0_hat clipped to the data range, variance tilde_beta of the first training step
     t = timesteps[-1]
     x_t = noisy(t)
-    _, _, x0_hat = _model_step(scheduler, _call_model(model, x_t, t), t, -1, x_t, abar)
+    _, _, x0_hat = _model_step(scheduler, call_model(model, x_t, t), t, -1, x_t, abar)
     decoder_variance = rs.ddpm_posterior_variance(abar[1], abar[0])
     log_p = gm.discretized_gaussian_log_likelihood(x0, x0_hat.to(torch.float64).clamp(-1.0, 1.0), decoder_variance)
     return NELBOTerms(prior_bpd=prior, step_bpd=steps, decoder_bpd=-sum_dims(log_p), timesteps=timesteps)
 
 
-def nll_bits_per_dim(model, scheduler, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def nll_bits_per_dim(model, scheduler, x0: torch.Tensor, generator: GeneratorLike = None) -> torch.Tensor:
     """
     The negative ELBO of each image in bits/dim on the scheduler's current trajectory (an upper bound on its NLL).
 
-    Analytic-DPM, Bao et al. ICLR 2022, Section 6.1; MATH.md "Likelihood". Call `scheduler.set_timesteps(K)` first
+    Analytic-DPM, Bao et al. ICLR 2022, Section 6.1; `docs/method.md#the-likelihood-elbo`. Call `scheduler.set_timesteps(K)` first
     (`timestep_spacing="optimal"` gives the paper's best trajectory).
 
     Args:
@@ -223,8 +209,8 @@ def nll_bits_per_dim(model, scheduler, x0: torch.Tensor, generator: Optional[tor
             `DDPMScheduler` with `variance_type="fixed_small"` or `"fixed_large"`.
         x0 (`torch.Tensor`):
             A batch of images `[B, C, H, W]` in `[-1, 1]` on the 8-bit grid (`round((x + 1) * 127.5) / 127.5 - 1`).
-        generator (`torch.Generator`, *optional*):
-            For the forward noise (one fresh draw per term).
+        generator (`int` or `torch.Generator`, *optional*):
+            Seeds the forward noise (one fresh draw per term).
 
     Returns:
         `torch.Tensor` of shape `[B]`, float64: bits/dim per image.
@@ -236,24 +222,6 @@ def nll_bits_per_dim(model, scheduler, x0: torch.Tensor, generator: Optional[tor
     return nelbo_terms_bpd(model, scheduler, x0, generator).total_bpd
 
 
-def _images_of(batch) -> torch.Tensor:
-    if isinstance(batch, dict):
-        for key in ("pixel_values", "images", "image", "input"):
-            if key in batch:
-                return batch[key]
-        raise ValueError(f"Cannot find the images in a batch with keys {sorted(batch)}.")
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    return batch
-
-
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def dataset_nll_bits_per_dim(
     model,
@@ -261,7 +229,7 @@ def dataset_nll_bits_per_dim(
     data,
     accelerator=None,
     batch_size: int = 64,
-    seed: int = 0,
+    generator: GeneratorLike = 0,
     progress: bool = False,
 ) -> torch.Tensor:
     """
@@ -275,7 +243,7 @@ def dataset_nll_bits_per_dim(
         accelerator (`accelerate.Accelerator`, *optional*): shards the batches over its processes and gathers the
             results (`gather_for_metrics`, so no image is counted twice). Without one, runs on the model's device.
         batch_size (`int`, defaults to 64): images per model call and process.
-        seed (`int`, defaults to 0): seeds the forward noise (offset by the process index).
+        generator (`int` or `torch.Generator`, defaults to 0): seeds the forward noise (one stream per process).
         progress (`bool`, defaults to `False`): show a progress bar (main process only).
 
     Returns:
@@ -296,13 +264,13 @@ def dataset_nll_bits_per_dim(
         if hasattr(model, "to"):
             model = model.to(device)
     else:
-        device = _device_of(model)
-    generator = torch.Generator().manual_seed(int(seed) + 1_000_003 * process)
+        device = model_device_dtype(model)[0]
+    generator = make_generator(seed_of(generator) + 1_000_003 * process, device)  # one stream per process
     results = []
     from tqdm.auto import tqdm
 
     for batch in tqdm(loader, desc="NLL", disable=not (progress and main)):
-        nll = nll_bits_per_dim(model, scheduler, _images_of(batch).to(device), generator=generator)
+        nll = nll_bits_per_dim(model, scheduler, images_from_batch(batch).to(device), generator=generator)
         if accelerator is not None:
             nll = accelerator.gather_for_metrics(nll)
         results.append(nll.cpu())

@@ -245,6 +245,19 @@ class LoadedModel:
             self._heads[key] = load_head(self.unet, covariance_type, head=head, model=self.location)
         return self._heads[key]
 
+    def denoiser(self, covariance_type: Optional[str] = None, head: Optional[str] = None):
+        """The model a sampler drives: the UNet, or for `covariance_type` `"sn"`/`"npr"` the head model `[eps, h]`."""
+        if covariance_type is None:
+            return self.unet
+        model = self.head_model(covariance_type, head)
+        if model is None:
+            raise LoadError(
+                f"No {covariance_type} noise-square head for {self.name}: the {covariance_type}-* samplers need one. "
+                f"Train it with `analytic-schedulers train-head --covariance-type {covariance_type}` and pass its "
+                f"folder as --head (Python: `head=`), or put it in the model's {HEAD_SUBFOLDERS[covariance_type]}/."
+            )
+        return model
+
     @property
     def sample_shape(self) -> Tuple[int, int, int]:
         """`(C, H, W)` of one sample, from the model's config."""

@@ -185,9 +185,9 @@ def write_text_atomically(path: Union[str, os.PathLike], text: str) -> None:
     write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def write_json_atomically(path: Union[str, os.PathLike], state: Any) -> None:
+def write_json_atomically(path: Union[str, os.PathLike], state: Any, indent: Optional[int] = None) -> None:
     """`write_atomically` for JSON (NaN and inf are refused: store them as `null`)."""
-    write_text_atomically(path, json.dumps(state, allow_nan=False, indent=1) + "\n")
+    write_text_atomically(path, json.dumps(state, allow_nan=False, indent=indent) + "\n")
 
 
 CHECKPOINT_STATE = "trainer_state.json"
@@ -196,7 +196,8 @@ CHECKPOINT_STATE = "trainer_state.json"
 def save_checkpoint(folder: Union[str, os.PathLike], tensors: Dict[str, Dict[str, torch.Tensor]],
                     state: Dict[str, Any]) -> None:
     """
-    Writes a checkpoint folder without pickles: one `<name>.safetensors` per entry of `tensors` and `trainer_state.json`.
+    Writes a checkpoint folder without pickles: one `<name>.safetensors` per entry of `tensors`, and
+    `trainer_state.json`.
 
     The folder is written beside its final place and renamed into it, so a reader (or a resumed run) only ever sees
     complete checkpoints; `trainer_state.json` is written last and marks a folder as complete.
@@ -209,7 +210,7 @@ def save_checkpoint(folder: Union[str, os.PathLike], tensors: Dict[str, Dict[str
     os.makedirs(tmp)
     for name, group in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, os.path.join(tmp, f"{name}.safetensors"))
-    write_json_atomically(os.path.join(tmp, CHECKPOINT_STATE), state)
+    write_json_atomically(os.path.join(tmp, CHECKPOINT_STATE), state, indent=1)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

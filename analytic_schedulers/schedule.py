@@ -1,6 +1,6 @@
 """Noise schedules and inference trajectories, as pure functions.
 
-Notation (diffusers' indexing, see MATH.md of the papers' mapping): training timesteps ``t = 0 .. T-1``,
+Notation (diffusers' indexing; `docs/method.md#notation` maps it to the papers'): training timesteps ``t = 0 .. T-1``,
 ``abar_t = alphas_cumprod[t]``, ``bbar_t = 1 - abar_t``. A trajectory is a descending array of timesteps
 ``tau_K > ... > tau_1``; the step after ``tau_1`` lands on the clean sample, written ``abar = 1``.
 """
@@ -59,6 +59,24 @@ def make_betas(
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     """`abar_t = prod_{i <= t} (1 - beta_i)`, accumulated in float64."""
     return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+
+
+def alphas_cumprod_float64(schedule) -> torch.Tensor:
+    """
+    `abar_t` of a schedule in float64 on the CPU, the one place the package derives it: from the betas of any
+    diffusers scheduler (accumulated in float64, more exact than its float32 `alphas_cumprod`), or from a tensor of
+    `alphas_cumprod` itself.
+    """
+    if isinstance(schedule, torch.Tensor):
+        return schedule.detach().to("cpu", torch.float64).flatten()
+    betas = getattr(schedule, "betas", None)
+    if betas is not None:
+        return alphas_cumprod_from_betas(torch.as_tensor(betas).cpu())
+    abar = getattr(schedule, "alphas_cumprod", None)
+    if abar is None:
+        raise TypeError(f"{type(schedule).__name__} is not a noise schedule: pass a diffusers scheduler (with "
+                        "`betas` or `alphas_cumprod`) or an `alphas_cumprod` tensor.")
+    return torch.as_tensor(abar).detach().to("cpu", torch.float64).flatten()
 
 
 def spaced_timesteps(

@@ -22,7 +22,7 @@ it: with `t*` the first timestep with `Gamma_t > 1` and `n_bad = T - t*`, the to
 `K2 ~ 0.8 * (2 * n_bad / T) * K` evenly spaced steps and the DP places the other `K1 = K - K2` on
 `[0, T - 1 - 2 * n_bad]` (`split_gamma_above_one`).
 
-Indexing is diffusers' (MATH.md): timesteps `0 .. T-1`, `abar_t = alphas_cumprod[t]`.
+Indexing is diffusers' (`docs/method.md#notation`): timesteps `0 .. T-1`, `abar_t = alphas_cumprod[t]`.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def step_cost(gamma: ArrayLike, alphas_cumprod: ArrayLike, s: int, t: int,
 
 
 def paper_step_cost(gamma: ArrayLike, alphas_cumprod: ArrayLike, s: int, t: int) -> float:
-    """The paper's DP cost `J(s, t) = log(1 - beta_{t|s} * Gamma_t / bbar_t)` (MATH.md), with `Gamma_t <= 1`.
+    """The paper's DP cost `J(s, t) = log(1 - beta_{t|s} * Gamma_t / bbar_t)` (`docs/method.md#the-optimal-trajectory`), with `Gamma_t <= 1`.
 
     `Gamma_t` is clamped to at most 1 (`v_t >= 0`), which keeps the argument positive
     (`>= alpha_{t|s} bbar_s / bbar_t`).
@@ -206,7 +206,7 @@ def optimal_trajectory(
     """
     The K-step trajectory `T - 1 = tau_K > ... > tau_1 = 0` that minimises Analytic-DDPM's negative ELBO.
 
-    Dynamic programming over `step_cost_matrix` (Analytic-DPM, Section 4; MATH.md "Optimal trajectory"), run only
+    Dynamic programming over `step_cost_matrix` (Analytic-DPM, Section 4; `docs/method.md#the-optimal-trajectory`), run only
     below the first `Gamma_t > 1` as in the official code (see the module docstring).
 
     Args:

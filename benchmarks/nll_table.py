@@ -41,26 +41,24 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="64 images and K = 10, 25")
     args = parser.parse_args(argv)
 
-    from analytic_schedulers import pretrained
-    from analytic_schedulers.cli.nll import load_images
+    from analytic_schedulers.data import load_images, quantize_8bit
     from analytic_schedulers.likelihood import dataset_nll_bits_per_dim
+    from analytic_schedulers.loading import load
     from analytic_schedulers.sampling import build_sampler
 
     steps = [10, 25] if args.quick else [int(k) for k in args.steps.split(",")]
     num_images = 64 if args.quick and args.num_images is None else args.num_images
     try:
-        unet = pretrained.load_unet(args.model).to(args.device).eval()
-        base_config = dict(pretrained.load_scheduler_config(args.model))
-        gamma = pretrained.load_gamma(args.gamma, args.model)
+        loaded = load(args.model, gamma=args.gamma)
+        images = quantize_8bit(load_images(args.data, loaded.sample_shape, args.split, num_images, resize=False))
     except ValueError as error:
         print(f"nll_table: {error}", file=sys.stderr)
         return 2
+    unet, base_config, gamma = loaded.unet.to(args.device), loaded.scheduler_config, loaded.gamma
     if gamma is None:
         print("nll_table: no Gamma table for this model; pass --gamma <scheduler folder> (estimate one with "
               "`analytic-schedulers estimate-gamma`).", file=sys.stderr)
         return 2
-    images = load_images(args.data, args.split, unet.config.in_channels, unet.config.sample_size)
-    images = images[:num_images] if num_images else images
     print(f"model {args.model or 'bundled'}, {len(images)} images of {args.data}, seed {args.seed}, "
           f"spacing {base_config.get('timestep_spacing')} (optimal for the last row)\n")
 
@@ -70,7 +68,7 @@ def main(argv=None) -> int:
             scheduler = build_sampler(name, base_config, gamma).scheduler
             scheduler.set_timesteps(K)
             start = time.perf_counter()
-            nll = dataset_nll_bits_per_dim(unet, scheduler, images, batch_size=args.batch_size, seed=args.seed)
+            nll = dataset_nll_bits_per_dim(unet, scheduler, images, batch_size=args.batch_size, generator=args.seed)
             table[name, K] = (nll.mean().item(), nll.std().item() / math.sqrt(len(nll)))
             print(f"  {name:<24} K={K:<4} {table[name, K][0]:8.3f} bits/dim  ({time.perf_counter() - start:.1f} s)",
                   file=sys.stderr)

@@ -30,47 +30,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_fid import DigitsFID  # noqa: E402
 
-from analytic_schedulers import pretrained  # noqa: E402
+from analytic_schedulers.data import quantize_8bit  # noqa: E402
 from analytic_schedulers.datasets import digits_images  # noqa: E402
-from analytic_schedulers.sampling import build_sampler, sample_images  # noqa: E402
+from analytic_schedulers.loading import load  # noqa: E402
+from analytic_schedulers.sampling import build_sampler, sample_images, sampler_spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = {  # benchmark name: (sampler name, has an ELBO)
-    "ddpm-small": ("ddpm", True),
-    "ddpm-large": ("ddpm-large", True),
-    "ddim": ("ddim", False),
-    "dpmsolver++": ("dpmsolver++", False),
-    "analytic-ddpm": ("analytic-ddpm", True),
-    "analytic-ddim": ("analytic-ddim", False),
-    "analytic-ddpm-optimal": ("analytic-ddpm-optimal", True),
-    "sn-ddpm": ("sn-ddpm", True),
-    "npr-ddpm": ("npr-ddpm", True),
+METHODS = {  # benchmark name: sampler name (see analytic_schedulers.sampling.SAMPLERS)
+    "ddpm-small": "ddpm",
+    "ddpm-large": "ddpm-large",
+    "ddim": "ddim",
+    "dpmsolver++": "dpmsolver++",
+    "analytic-ddpm": "analytic-ddpm",
+    "analytic-ddim": "analytic-ddim",
+    "analytic-ddpm-optimal": "analytic-ddpm-optimal",
+    "sn-ddpm": "sn-ddpm",
+    "npr-ddpm": "npr-ddpm",
 }
 
 
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Onto the 8-bit grid of `[-1, 1]`."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
-def load_models(args):
-    unet = pretrained.load_unet(args.model).eval()
-    heads = {}
-    for kind in ("sn", "npr"):
-        location = pretrained.head_location(args.model, kind)
-        if location is not None:
-            from analytic_schedulers import NoiseSquareHeadModel
-
-            heads[kind] = NoiseSquareHeadModel.from_pretrained(location, unet=unet).eval()
-    return unet, heads
-
-
-def run_method(name, K, unet, heads, base_config, gamma, fid, test_x0, args, sample=True):
-    sampler_name, has_elbo = METHODS[name]
-    kind = sampler_name.split("-")[0] if sampler_name.startswith(("sn-", "npr-")) else None
-    model = heads.get(kind) if kind else unet
-    if kind and model is None:
+def run_method(name, K, loaded, fid, test_x0, args, sample=True):
+    sampler_name = METHODS[name]
+    spec = sampler_spec(sampler_name)
+    model = loaded.head_model(spec.covariance_type) if spec.needs_head else loaded.unet
+    if model is None:
         return None
+    base_config, gamma = loaded.scheduler_config, loaded.gamma
     row = {"method": name, "steps": K, "nll_bpd": None, "fid": None, "seconds": None}
     if sample:
         sampler = build_sampler(sampler_name, base_config, gamma, last_step_sigma_clip=args.last_step_sigma_clip)
@@ -81,11 +66,11 @@ def run_method(name, K, unet, heads, base_config, gamma, fid, test_x0, args, sam
             chunks.append(sample_images(model, sampler, K, [torch.Generator().manual_seed(s) for s in seeds]))
         row["seconds"] = time.perf_counter() - start
         row["fid"] = fid(torch.cat(chunks))
-    if has_elbo and args.nll_images > 0:
+    if spec.has_elbo and args.nll_images > 0:
         from analytic_schedulers import nll_bits_per_dim
 
         sampler = build_sampler(sampler_name, base_config, gamma, last_step_sigma_clip=None)
-        sampler.scheduler.set_timesteps(K)
+        sampler.set_timesteps(K)
         nll = nll_bits_per_dim(model, sampler.scheduler, test_x0, generator=torch.Generator().manual_seed(args.seed))
         row["nll_bpd"] = nll.mean().item()
     return row
@@ -163,18 +148,17 @@ def main():
         return
     torch.set_num_threads(args.threads)
 
-    unet, heads = load_models(args)
-    base_config = pretrained.load_scheduler_config(args.model)
-    gamma = pretrained.load_gamma(None, args.model)
-    size = unet.config.sample_size
+    loaded = load(args.model)
+    heads = [kind for kind in ("sn", "npr") if loaded.head_model(kind) is not None]
+    size = loaded.unet.config.sample_size
     fid = DigitsFID(size=size, seed=args.seed, num_samples=args.num_samples)
-    test_x0 = quantize(digits_images("test", size))[: args.nll_images]
+    test_x0 = quantize_8bit(digits_images("test", size))[: args.nll_images]
     steps = [int(k) for k in args.steps.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
-    print(f"model {args.model or 'bundled ' + pretrained.BUNDLED_MODEL.name}; {args.num_samples} samples per row, "
+    print(f"model {loaded.name}; {args.num_samples} samples per row, "
           f"seed {args.seed}; NLL on {len(test_x0)} held-out images; classifier test accuracy "
           f"{fid.test_accuracy:.3f}; FID floor (train split) {fid.data_fid:.2f}; torch {torch.__version__}, "
-          f"{args.threads} threads, {platform.machine()}; heads: {sorted(heads) or 'none'}")
+          f"{args.threads} threads, {platform.machine()}; heads: {heads or 'none'}")
     rows = [{"method": "data", "steps": None, "nll_bpd": None, "fid": fid.data_fid, "seconds": None}]
     print(f"{'method':<24}{'K':>6}{'NLL bpd':>10}{'FID':>10}{'seconds':>10}")
 
@@ -186,14 +170,14 @@ def main():
     show(rows[0])
     for K in steps:
         for method in methods:
-            row = run_method(method, K, unet, heads, base_config, gamma, fid, test_x0, args)
+            row = run_method(method, K, loaded, fid, test_x0, args)
             if row is None:
                 print(f"{method:<24}{K:>6}  skipped: no trained head in the model folder")
                 continue
             rows.append(row)
             show(row)
     if not args.no_reference:
-        rows.append(run_method("ddpm-small", 1000, unet, heads, base_config, gamma, fid, test_x0, args))
+        rows.append(run_method("ddpm-small", 1000, loaded, fid, test_x0, args))
         show(rows[-1])
     meta = {"model": args.model or "bundled", "seed": args.seed, "num_samples": args.num_samples,
             "nll_images": len(test_x0), "last_step_sigma_clip": args.last_step_sigma_clip,

@@ -15,14 +15,15 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMPipeline
 
-from _data import load_images
 from analytic_schedulers import estimate_gamma
+from analytic_schedulers.data import load_images
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="google/ddpm-cifar10-32")
-    parser.add_argument("--data", default="cifar10")
+    parser.add_argument("--data", default="cifar10", help="a Hugging Face dataset (needs `pip install datasets`), "
+                        "an image folder, or sklearn-digits")
     parser.add_argument("--num-samples", type=int, default=50000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -31,7 +32,9 @@ def main():
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe = DDPMPipeline.from_pretrained(args.model).to(accelerator.device)
-    images = load_images(args.data, "train", pipe.unet.config.sample_size, limit=args.num_samples)
+    config = pipe.unet.config
+    images = load_images(args.data, (config.in_channels, config.sample_size, config.sample_size), "train",
+                         num_samples=args.num_samples, seed=args.seed)
     estimate = estimate_gamma(pipe.unet, images, pipe.scheduler, num_samples=args.num_samples,
                               batch_size=args.batch_size, generator=args.seed, accelerator=accelerator,
                               progress=accelerator.is_main_process)

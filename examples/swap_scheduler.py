@@ -13,6 +13,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 
 from analytic_schedulers import AnalyticDPMScheduler
 from analytic_schedulers.images import grids_by_name, save_atomically
+from analytic_schedulers.loading import load_gamma
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
     results.append(("DDPM", images))
 
     # the swap: same betas, spacing and prediction type as the model's own scheduler, plus the Gamma table
-    gamma = AnalyticDPMScheduler.load_config(args.gamma)["gamma"]
+    gamma = load_gamma(args.gamma)
     pipe.scheduler = AnalyticDPMScheduler.from_config(base_config, gamma=gamma)
     images = pipe(batch_size=args.num_images, num_inference_steps=args.steps, generator=generator(),
                   output_type="np").images

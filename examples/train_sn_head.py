@@ -11,14 +11,16 @@ import argparse
 import torch
 from diffusers import DDPMPipeline
 
-from _data import load_images
 from analytic_schedulers import NoiseSquareHeadModel, SNDPMScheduler, train_noise_square_head
+from analytic_schedulers.data import load_images
+from analytic_schedulers.noise_square_head import load_head_model
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="google/ddpm-cifar10-32")
-    parser.add_argument("--data", default="cifar10")
+    parser.add_argument("--data", default="cifar10", help="a Hugging Face dataset (needs `pip install datasets`), "
+                        "an image folder, or sklearn-digits")
     parser.add_argument("--covariance-type", default="sn", choices=["sn", "npr"])
     parser.add_argument("--steps", type=int, default=50000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -29,13 +31,16 @@ def main():
     args = parser.parse_args()
 
     pipe = DDPMPipeline.from_pretrained(args.model)
-    images = load_images(args.data, "train", pipe.unet.config.sample_size, limit=args.num_images)
+    config = pipe.unet.config
+    images = load_images(args.data, (config.in_channels, config.sample_size, config.sample_size), "train",
+                         num_samples=args.num_images or None)
     head_model = NoiseSquareHeadModel.from_unet(pipe.unet, covariance_type=args.covariance_type)
     losses = train_noise_square_head(head_model, images, pipe.scheduler, num_steps=args.steps,
                                      batch_size=args.batch_size, lr=args.lr, output_dir=args.output)
     print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f} after {len(losses)} steps; head in {args.output}")
 
-    head_model = NoiseSquareHeadModel.from_pretrained(args.output)
+    # the trained head is a small folder of its own; compose it with the backbone to sample
+    head_model = load_head_model(args.output, unet=pipe.unet)
     sampler = DDPMPipeline(unet=head_model, scheduler=SNDPMScheduler.from_config(
         pipe.scheduler.config, covariance_type=args.covariance_type))
     images = sampler(batch_size=4, num_inference_steps=args.sample_steps, output_type="np",

@@ -16,6 +16,7 @@ from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel
 from analytic_schedulers.cli import main
 from analytic_schedulers.cli import estimate_gamma as cli
 from analytic_schedulers.gamma import GammaEstimate
+from analytic_schedulers.loading import LoadedModel
 
 TIMESTEPS = ",".join(str(t) for t in range(0, 1000, 100))
 
@@ -41,10 +42,11 @@ def gaussian_cli(monkeypatch):
     """The CLI with the exact Gaussian model in place of a downloaded one (the rest of the command is real)."""
     config = DDPMScheduler().config
 
-    def load_model(model, subfolder, scheduler, dtype):
-        return InterruptibleGaussianModel.from_scheduler(DDPMScheduler(), data_std=0.3), dict(config), subfolder
+    def load_from_args(args, gamma=True):
+        model = InterruptibleGaussianModel.from_scheduler(DDPMScheduler(), data_std=0.3, sample_size=16)
+        return LoadedModel(model, dict(config), None, args.model, None, args.model)
 
-    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr(cli, "load_from_args", load_from_args)
     InterruptibleGaussianModel.calls_left, InterruptibleGaussianModel.calls = None, 0
     return InterruptibleGaussianModel
 
@@ -111,7 +113,7 @@ def test_full_table_with_steps_and_num_samples_larger_than_data(gaussian_cli, tm
     assert estimate.num_samples == 1500
 
 
-@pytest.mark.parametrize("args,match", [(["--data", "/no/such/folder"], "neither an image folder"),
+@pytest.mark.parametrize("args,match", [(["--data", "/no/such/folder"], "does not exist"),
                                         (["--num-samples", "0"], "at least 1"),
                                         (["--timesteps", "1,x"], "comma-separated"),
                                         (["--fill", "nearest"], "--fill")])

@@ -200,7 +200,7 @@ def test_dataset_helper_with_accelerate(gaussian):
     scheduler, model, x0 = gaussian
     scheduler.set_timesteps(5)
     data = x0[:40]
-    result = dataset_nll_bits_per_dim(model, scheduler, data, accelerator=Accelerator(cpu=True), batch_size=40, seed=3)
+    result = dataset_nll_bits_per_dim(model, scheduler, data, accelerator=Accelerator(cpu=True), batch_size=40, generator=3)
     direct = nll_bits_per_dim(model, scheduler, data, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(result, direct)
     batched = dataset_nll_bits_per_dim(model, scheduler, torch.utils.data.TensorDataset(data), batch_size=16)

@@ -54,7 +54,7 @@ def test_step_cost_is_papers_cost_plus_a_telescoping_term():
         telescoping = math.log(bbar[t] * abar[s] / (bbar[s] * abar[t]))
         unclipped = step_cost(gamma, abar, s, t, max_x0_variance=None)  # J assumes v_t is not clipped above
         assert unclipped == pytest.approx(paper_step_cost(gamma, abar, s, t) + telescoping, rel=1e-10, abs=1e-12)
-    # so the paper's J picks the same trajectory (MATH.md's DP, by brute force)
+    # so the paper's J picks the same trajectory (the DP of docs/method.md, by brute force)
     paper = {tuple(tr): sum(paper_step_cost(gamma, abar, int(s), int(t)) for t, s in zip(tr[:-1], tr[1:]))
              for tr in all_trajectories(T, K)}
     assert tuple(optimal_trajectory(gamma, abar, K, max_x0_variance=None)[0]) == min(paper, key=paper.get)

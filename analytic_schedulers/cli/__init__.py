@@ -1,7 +1,9 @@
-"""The `analytic-schedulers` command line: one module per subcommand.
+"""The `analytic-schedulers` command line: one module per subcommand, and the options they share.
 
-Each module in `SUBCOMMANDS` defines `add_parser(subparsers)`, which registers its parser and sets
-`func=run` (a function of the parsed arguments returning an exit code). Modules are imported only when listed here.
+Each module in `SUBCOMMANDS` defines `add_parser(subparsers)`, which registers its parser and sets `func=run` (a
+function of the parsed arguments returning an exit code). Loading goes through `analytic_schedulers.loading` and
+`analytic_schedulers.data`, whose errors are printed here, so the same bad input gives the same message in every
+command.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+import torch
+
 SUBCOMMANDS = {
     # name: module under analytic_schedulers.cli
     "estimate-gamma": "estimate_gamma",
@@ -18,10 +22,50 @@ SUBCOMMANDS = {
     "sample": "sample",
     "train-head": "train_head",
 }
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CommandError(Exception):
     """An error the user can fix: printed as one line, exit code 2."""
+
+
+def add_model_options(parser: argparse.ArgumentParser, required: bool = False, gamma: bool = False,
+                      head: bool = False) -> None:
+    """`--model`, `--subfolder`, `--scheduler-config` (and `--gamma`, `--head`): where the model and its parts are."""
+    parser.add_argument("--model", required=required, default=None,
+                        help="pipeline or model folder, or Hub id" + ("" if required else
+                                                                      " (default: the bundled 16x16 digits model)"))
+    parser.add_argument("--subfolder", default=None, help="the model's subfolder (default: unet/ in a pipeline)")
+    parser.add_argument("--scheduler-config", default=None, metavar="FOLDER_OR_ID",
+                        help="folder or Hub id with the model's scheduler_config.json (default: the pipeline's "
+                             "scheduler/ folder, or beside the model)")
+    if gamma:
+        parser.add_argument("--gamma", default=None, metavar="FOLDER_OR_ID",
+                            help="scheduler folder or Hub id with the Gamma table (default: the model's "
+                                 "analytic_scheduler/ folder)")
+    if head:
+        parser.add_argument("--head", default=None, metavar="FOLDER_OR_ID",
+                            help="noise-square head folder or Hub id for sn-*/npr-* samplers (default: the model's "
+                                 "sn_head/ or npr_head/ folder)")
+
+
+def add_device_options(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """`--device` (and `--dtype`)."""
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps ... (default: cuda if available; under `accelerate launch`, "
+                             "each process's device)")
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                            help="model precision; the schedulers' math stays in float32 (default: float32)")
+
+
+def load_from_args(args: argparse.Namespace, gamma: bool = True):
+    """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`)."""
+    from ..loading import load
+
+    dtype = DTYPES[getattr(args, "dtype", "float32")]
+    return load(args.model, args.subfolder, args.scheduler_config, getattr(args, "gamma", None) if gamma else None,
+                torch_dtype=dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..data import DataError
+    from ..loading import LoadError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -46,13 +93,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CommandError as error:
+    except (CommandError, LoadError, DataError) as error:
         print(f"analytic-schedulers {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"analytic-schedulers {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
