@@ -4,9 +4,8 @@
         --output ./ddpm-cifar10-gamma
     accelerate launch --num_processes 4 examples/estimate_gamma.py ...     # the same on 4 GPUs
 
-`--data` is `cifar10` (needs `pip install datasets`), an image folder, or `sklearn-digits`. Then share it:
-`huggingface_hub.upload_folder(repo_id="you/ddpm-cifar10-analytic", folder_path="./ddpm-cifar10-gamma",
-path_in_repo="scheduler")`.
+`--data` is `cifar10` (needs `pip install datasets`), an image folder, or `sklearn-digits`. `--push-to-hub
+you/ddpm-cifar10-analytic` shares the folder (as `analytic_scheduler/`, with a card saying how it was made).
 """
 
 import argparse
@@ -17,6 +16,7 @@ from diffusers import DDPMPipeline
 
 from analytic_schedulers import estimate_gamma
 from analytic_schedulers.data import load_images
+from analytic_schedulers.hub import push_gamma_to_hub, write_gamma_folder
 
 
 def main():
@@ -28,6 +28,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="ddpm-cifar10-gamma")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="then upload the folder to the Hub")
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -39,9 +40,12 @@ def main():
                               batch_size=args.batch_size, generator=args.seed, accelerator=accelerator,
                               progress=accelerator.is_main_process)
     if accelerator.is_main_process:
-        estimate.to_scheduler(pipe.scheduler).save_pretrained(args.output)
+        settings = {"model": args.model, "data": args.data, "num_samples": estimate.num_samples, "seed": args.seed}
+        write_gamma_folder(args.output, estimate, pipe.scheduler.config, settings)  # config, estimate and card
         print(f"Gamma from {estimate.num_samples} images; largest standard error {estimate.stderr.max():.4f}; "
               f"wrote {args.output}/scheduler_config.json")
+        if args.push_to_hub:  # AnalyticDPMScheduler.from_pretrained(REPO_ID, subfolder="analytic_scheduler")
+            push_gamma_to_hub(args.output, args.push_to_hub)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_interrupted_run_resumes_without_losing_finished_timesteps(gaussian_cli,
     assert main(estimate_command(out)) == 0
     assert "Resuming: 6 timesteps" in capsys.readouterr().out
     assert gaussian_cli.calls == 2  # only the 4 remaining timesteps
-    assert sorted(p.name for p in out.iterdir()) == ["gamma_estimate.json", "scheduler_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "gamma_estimate.json", "scheduler_config.json"]
     resumed = GammaEstimate.load(out / "gamma_estimate.json")
     torch.testing.assert_close(resumed.sums.stacked(), reference.sums.stacked())
 

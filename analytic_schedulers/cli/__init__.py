@@ -59,6 +59,27 @@ def add_device_options(parser: argparse.ArgumentParser, dtype: bool = True) -> N
                             help="model precision; the schedulers' math stays in float32 (default: float32)")
 
 
+def add_hub_options(parser: argparse.ArgumentParser, what: str, default_path: str) -> None:
+    """`--push-to-hub` and the options of the upload (as in `huggingface_hub.HfApi.upload_folder`)."""
+    group = parser.add_argument_group("publishing on the Hugging Face Hub")
+    group.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                       help=f"upload {what} to this model repository (created if missing), in --path-in-repo")
+    group.add_argument("--path-in-repo", default=None, help=f"folder in the repository (default: {default_path})")
+    group.add_argument("--hub-token", default=None, help="Hub token (default: the one `hf auth login` stored)")
+    group.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    group.add_argument("--revision", default=None, help="branch to upload to (created if missing; default: main)")
+    group.add_argument("--commit-message", default=None, help="message of the upload's commit")
+
+
+def hub_kwargs(args: argparse.Namespace) -> dict:
+    """The upload options of `add_hub_options` as keyword arguments of `push_gamma_to_hub` / `push_head_to_hub`."""
+    kwargs = dict(token=args.hub_token, private=args.private, revision=args.revision,
+                  commit_message=args.commit_message)
+    if args.path_in_repo is not None:
+        kwargs["path_in_repo"] = args.path_in_repo
+    return kwargs
+
+
 def load_from_args(args: argparse.Namespace, gamma: bool = True):
     """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`)."""
     from ..loading import load

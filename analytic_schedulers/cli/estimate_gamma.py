@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import DTYPES, CommandError, add_device_options, add_model_options, load_from_args
+from . import DTYPES, CommandError, add_device_options, add_hub_options, add_model_options, hub_kwargs, load_from_args
 
 CONFIG_NAME = "scheduler_config.json"
 ESTIMATE_NAME = "gamma_estimate.json"
@@ -61,6 +61,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint-seconds", type=float, default=30.0,
                         help="Write partial results at most this often (default 30 s).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    add_hub_options(parser, "the scheduler folder", "analytic_scheduler")
     parser.set_defaults(func=run)
 
 
@@ -89,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
                                           accelerator)
     if accelerator.is_main_process:
         _write_scheduler_folder(output, estimate, loaded.scheduler_config, settings, fill)
+        if args.push_to_hub:
+            from ..hub import push_gamma_to_hub
+
+            commit = push_gamma_to_hub(output, args.push_to_hub, **hub_kwargs(args))
+            print(f"Uploaded to {getattr(commit, 'commit_url', args.push_to_hub)}")
     accelerator.wait_for_everyone()
     return 0
 
@@ -186,13 +192,11 @@ def _estimate_with_checkpoints(model, images, scheduler, timesteps, settings, re
 
 
 def _write_scheduler_folder(output: Path, estimate, scheduler_config, settings, fill) -> None:
-    """The estimate first, then the config (the file loaders look for), then drop the partial file."""
-    from ..runtime import write_text_atomically
+    """The scheduler folder (see `hub.write_gamma_folder`), then drop the partial file."""
+    from ..hub import write_gamma_folder
 
     table_fill = None if estimate.is_complete else fill
-    analytic = estimate.to_scheduler(scheduler_config, fill=table_fill)
-    estimate.save(output / ESTIMATE_NAME, extra={"settings": settings, "fill": table_fill})
-    write_text_atomically(output / CONFIG_NAME, analytic.to_json_string())
+    write_gamma_folder(output, estimate, scheduler_config, settings, table_fill)
     (output / PARTIAL_NAME).unlink(missing_ok=True)
     finite = estimate.stderr[torch.isfinite(estimate.stderr)]
     print(f"Gamma estimated at {len(estimate.timesteps_estimated)} timesteps from {estimate.num_samples} images; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import CommandError, add_model_options, load_from_args
+from . import CommandError, add_hub_options, add_model_options, hub_kwargs, load_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default=None, help="cpu, or the accelerator's device (default)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--log-every", type=int, default=100, help="print the mean loss every N steps (100)")
+    add_hub_options(parser, "the trained head", "sn_head or npr_head")
     parser.set_defaults(func=run)
 
 
@@ -63,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(args.data, loaded.sample_shape, args.split)
     head_model = NoiseSquareHeadModel.from_unet(loaded.unet, covariance_type=args.covariance_type,
                                                 resblock=args.resblock)
+    if accelerator.is_main_process:
+        from ..runtime import write_json_atomically
+
+        os.makedirs(args.output, exist_ok=True)
+        write_json_atomically(os.path.join(args.output, "training_args.json"), {
+            "model": args.model, "data": args.data, "split": args.split, "covariance_type": args.covariance_type,
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}, indent=1)
     accelerator.print(f"train-head: {args.covariance_type} head on {loaded.name} ({len(images)} images of "
                       f"{tuple(images.shape[1:])}), {args.steps} steps of batch {args.batch_size}")
     try:
@@ -78,4 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if losses:
         accelerator.print(f"train-head: loss {sum(losses[:window]) / window:.5f} (first {window} steps) -> "
                           f"{sum(losses[-window:]) / window:.5f} (last {window}); head saved to {args.output}")
+    if args.push_to_hub and accelerator.is_main_process:
+        from ..hub import push_head_to_hub
+
+        commit = push_head_to_hub(args.output, args.push_to_hub, base_model=args.model, **hub_kwargs(args))
+        print(f"Uploaded to {getattr(commit, 'commit_url', args.push_to_hub)}")
     return 0

@@ -1,0 +1,222 @@
+"""Publishing Gamma tables and heads on the Hugging Face Hub, in a layout diffusers' own loaders accept.
+
+A published table is a scheduler folder, `analytic_scheduler/` by default, in a model repository: the repository
+keeps its native `scheduler/` in `model_index.json` (so `DiffusionPipeline.from_pretrained` downloads it with no
+custom code), and the table loads with
+
+    AnalyticDPMScheduler.from_pretrained(repo_id, subfolder="analytic_scheduler")
+
+A trained head is a `NoiseSquareHead` folder, `sn_head/` or `npr_head/`, composed with the pipeline's UNet at load time
+(`load_head_model(repo_id, unet=pipe.unet, subfolder="sn_head")`). Each folder carries a `README.md` that says what it
+was made from, so that a stranger can judge the table or head before using it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from huggingface_hub import HfApi
+
+GAMMA_ESTIMATE = "gamma_estimate.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+CARD = "README.md"
+GAMMA_PATH_IN_REPO = "analytic_scheduler"
+HEAD_IGNORE = ["checkpoints/*", "*.tmp", ".*"]
+
+__all__ = ["GAMMA_PATH_IN_REPO", "gamma_card", "head_card", "push_gamma_to_hub", "push_head_to_hub",
+           "write_gamma_folder"]
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Folders and their cards
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_gamma_folder(folder: Union[str, os.PathLike], estimate, scheduler_config, settings: Optional[dict] = None,
+                       fill=None):
+    """
+    Writes a ready scheduler folder: `gamma_estimate.json` (table, standard errors, sums and `settings`), then
+    `scheduler_config.json` (an `AnalyticDPMScheduler` on the model's schedule with the table: the file loaders look
+    for, written last), then its `README.md` card. Every file is replaced atomically.
+
+    Args:
+        folder: where to write (created if needed).
+        estimate (`GammaEstimate`): the estimate.
+        scheduler_config: the model's own scheduler config (betas, spacing, prediction type).
+        settings (`dict`, *optional*): how the estimate was made (`model`, `data`, `num_samples`, `seed`,
+            `timesteps`, ...), kept in `gamma_estimate.json` and shown on the card.
+        fill: how a partial table was completed (`"interpolate"` or a number); required for a partial estimate.
+
+    Returns:
+        The `AnalyticDPMScheduler` that was written.
+    """
+    from .runtime import write_text_atomically
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table_fill = None if estimate.is_complete else fill
+    scheduler = estimate.to_scheduler(scheduler_config, fill=table_fill)
+    estimate.save(folder / GAMMA_ESTIMATE, extra={"settings": settings or {}, "fill": table_fill})
+    write_text_atomically(folder / SCHEDULER_CONFIG, scheduler.to_json_string())
+    write_text_atomically(folder / CARD, gamma_card(folder))
+    return scheduler
+
+
+def gamma_card(folder: Union[str, os.PathLike]) -> str:
+    """The model card of a scheduler folder: what the table was estimated from, read from its files."""
+    folder = Path(folder)
+    config = json.loads((folder / SCHEDULER_CONFIG).read_text(encoding="utf-8"))
+    state = json.loads((folder / GAMMA_ESTIMATE).read_text(encoding="utf-8")) if (folder / GAMMA_ESTIMATE).is_file() \
+        else {}
+    settings = state.get("settings", {})
+    stderr = [v for v in state.get("gamma_stderr", []) if v is not None]
+    estimated = state.get("timesteps_estimated")
+    T = config.get("num_train_timesteps")
+    rows = {
+        "model": settings.get("model", "unknown"),
+        "data": settings.get("data", "unknown"),
+        "images M": state.get("num_samples", "unknown"),
+        "timesteps estimated": "unknown" if estimated is None else (
+            f"all {T}" if len(estimated) == T else f"{len(estimated)} of {T}: {_short_list(estimated)}"),
+        "filled": state.get("fill") or "nothing (every timestep estimated)",
+        "seed": settings.get("seed", "unknown"),
+        "largest standard error of Gamma_t": f"{max(stderr):.3g}" if stderr else "unknown",
+        "schedule": f"{config.get('beta_schedule')}, beta {config.get('beta_start')}..{config.get('beta_end')}, "
+                    f"T = {T}, {config.get('prediction_type')}",
+        "package": f"analytic-schedulers {_version()}",
+    }
+    return _card(
+        base_model=settings.get("model"),
+        title=f"Analytic-DPM Gamma table for {rows['model']}",
+        intro="The table `Gamma_t = E||eps_theta(x_t, t)||^2 / d` of Analytic-DPM (Bao et al., ICLR 2022), "
+              "estimated by Monte Carlo: the optimal reverse variance of every step follows from it.",
+        rows=rows,
+        usage=("import analytic_schedulers  # before diffusers loads anything of this package\n"
+               "from analytic_schedulers import AnalyticDPMScheduler\n\n"
+               f"pipe.scheduler = AnalyticDPMScheduler.from_pretrained(REPO_ID, subfolder={GAMMA_PATH_IN_REPO!r})"),
+    )
+
+
+def head_card(folder: Union[str, os.PathLike], base_model: Optional[str] = None) -> str:
+    """The model card of a head folder (config, and `loss_history.json` / `training_args.json` when present)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    history = folder / "loss_history.json"
+    losses = json.loads(history.read_text(encoding="utf-8")).get("losses", []) if history.is_file() else []
+    training = folder / "training_args.json"
+    args: Dict[str, Any] = json.loads(training.read_text(encoding="utf-8")) if training.is_file() else {}
+    base_model = base_model or args.get("model")
+    kind = config.get("covariance_type", "sn")
+    rows = {
+        "backbone": base_model or "unknown",
+        "covariance type": f"{kind} (h ~ " + ("E[eps^2 | x_t])" if kind == "sn" else "E[(eps - eps_hat)^2 | x_t])"),
+        "data": args.get("data", "unknown"),
+        "training": ", ".join(f"{k} {args[k]}" for k in ("steps", "batch_size", "lr", "seed") if k in args)
+                    or "unknown",
+        "final loss": f"{sum(losses[-100:]) / len(losses[-100:]):.5f} (mean of the last steps)" if losses else "unknown",
+        "package": f"analytic-schedulers {_version()}",
+    }
+    return _card(
+        base_model=base_model,
+        title=f"{kind.upper()}-DPM noise-square head for {rows['backbone']}",
+        intro=f"A small head on the frozen backbone's last feature map that predicts `h`, the per-pixel variance "
+              f"input of {kind.upper()}-DPM (Bao et al., ICML 2022). Sample with `SNDPMScheduler` "
+              f"(`covariance_type={kind!r}`).",
+        rows=rows,
+        usage=("import analytic_schedulers\n"
+               "from analytic_schedulers import SNDPMScheduler\n"
+               "from analytic_schedulers.noise_square_head import load_head_model\n\n"
+               f"pipe.unet = load_head_model(REPO_ID, unet=pipe.unet, subfolder={kind + '_head'!r})\n"
+               f"pipe.scheduler = SNDPMScheduler.from_config(pipe.scheduler.config, covariance_type={kind!r})"),
+    )
+
+
+def _short_list(values, most: int = 12) -> str:
+    shown = ", ".join(str(v) for v in values[:most])
+    return shown + (", ..." if len(values) > most else "")
+
+
+def _card(base_model: Optional[str], title: str, intro: str, rows: Dict[str, Any], usage: str) -> str:
+    front = ["---", "library_name: diffusers", "tags:", "- analytic-dpm", "- analytic-schedulers"]
+    if base_model and not os.path.isabs(str(base_model)) and str(base_model).count("/") == 1:
+        front.append(f"base_model: {base_model}")
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+    return "\n".join(front + ["---", "", f"# {title}", "", intro, "", "| | |", "|---|---|", table, "",
+                              "## Use", "", "```python", usage, "```", ""])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Uploads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def push_gamma_to_hub(folder: Union[str, os.PathLike], repo_id: str, path_in_repo: str = GAMMA_PATH_IN_REPO,
+                      token: Optional[str] = None, private: Optional[bool] = None, revision: Optional[str] = None,
+                      commit_message: Optional[str] = None, create_pr: bool = False):
+    """
+    Uploads a scheduler folder (from `write_gamma_folder` or `analytic-schedulers estimate-gamma`) to
+    `repo_id/path_in_repo`, with its card. Load it back with
+    `AnalyticDPMScheduler.from_pretrained(repo_id, subfolder=path_in_repo)`.
+
+    Args:
+        folder: the scheduler folder (`scheduler_config.json` with a `gamma` table).
+        repo_id: the model repository (created if missing).
+        path_in_repo: the folder in the repository (default `analytic_scheduler`, beside the pipeline's own).
+        token, private, revision, commit_message, create_pr: as in `huggingface_hub.HfApi.upload_folder`
+            (`revision` is a branch, created if missing).
+
+    Returns:
+        The `CommitInfo` of the upload.
+    """
+    folder = Path(folder)
+    config_path = folder / SCHEDULER_CONFIG
+    if not config_path.is_file() or json.loads(config_path.read_text(encoding="utf-8")).get("gamma") is None:
+        raise ValueError(f"{str(folder)!r} holds no scheduler_config.json with a Gamma table: write it with "
+                         "`analytic-schedulers estimate-gamma --output` (or `write_gamma_folder`) first.")
+    if not (folder / CARD).is_file():
+        from .runtime import write_text_atomically
+
+        write_text_atomically(folder / CARD, gamma_card(folder))
+    message = commit_message or f"Analytic-DPM Gamma table in {path_in_repo}/"
+    return _upload(folder, repo_id, path_in_repo, token, private, revision, message, create_pr, ignore=[".*"])
+
+
+def push_head_to_hub(folder: Union[str, os.PathLike], repo_id: str, path_in_repo: Optional[str] = None,
+                     token: Optional[str] = None, private: Optional[bool] = None, revision: Optional[str] = None,
+                     commit_message: Optional[str] = None, create_pr: bool = False, base_model: Optional[str] = None):
+    """
+    Uploads a trained head folder (a `NoiseSquareHead`: `config.json` and its weights, as `train-head --output`
+    leaves it; checkpoints stay behind) to `repo_id/path_in_repo`, default `sn_head` or `npr_head`, with its card.
+
+    Arguments as in `push_gamma_to_hub`; `base_model` names the backbone on the card.
+    """
+    from .runtime import write_text_atomically
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{str(folder)!r} holds no head (config.json): train one with `analytic-schedulers "
+                         "train-head --output` first.")
+    kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("covariance_type", "sn")
+    path_in_repo = path_in_repo or f"{kind}_head"
+    write_text_atomically(folder / CARD, head_card(folder, base_model))
+    message = commit_message or f"{kind.upper()}-DPM noise-square head in {path_in_repo}/"
+    return _upload(folder, repo_id, path_in_repo, token, private, revision, message, create_pr, ignore=HEAD_IGNORE)
+
+
+def _upload(folder: Path, repo_id: str, path_in_repo: str, token, private, revision, message, create_pr, ignore):
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo,
+                             commit_message=message, token=token, revision=revision, create_pr=create_pr,
+                             ignore_patterns=ignore)
