@@ -77,6 +77,8 @@ def test_latents_are_encoded_as_img2img_encodes_them():
     assert encoding == "sample"
     mean, encoding = encode_images(vae, images, latent="mean")
     assert encoding == "mean" and not torch.allclose(mean, latents)
+    seeded = [encode_images(vae, images, generator=seed)[0] for seed in (7, 7, 8)]
+    assert torch.equal(seeded[0], seeded[1]) and not torch.allclose(seeded[0], seeded[2])
 
 
 def test_latents_subtract_the_shift_factor_before_scaling():
