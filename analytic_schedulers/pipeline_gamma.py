@@ -9,6 +9,7 @@ those facts with the table, writes them into the scheduler's config (`gamma_guid
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -132,9 +133,10 @@ def use_analytic_dpm(pipe, gamma=None, fill: Optional[Union[str, float]] = None,
     Swaps an `AnalyticDPMScheduler` into `pipe` (on the pipeline's own scheduler config) and returns it.
 
     With a `PipelineGammaEstimate`, the table is first checked against the pipeline (pixel or latent inputs, channels,
-    noise schedule), and while the pipeline samples, a guidance scale other than the table's warns once per scale.
-    The plain `pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=table)` works too,
-    without those checks.
+    noise schedule), and each call of the pipeline at a guidance scale other than the table's warns, once per scale:
+    the new scheduler compares the pipeline's scale with its config's `gamma_guidance_scale` when the pipeline sets
+    its timesteps. The plain `pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=table)`
+    works too, without those checks.
 
     Args:
         pipe (`DiffusionPipeline`): a pipeline with a `unet` and a `scheduler`.
@@ -150,11 +152,28 @@ def use_analytic_dpm(pipe, gamma=None, fill: Optional[Union[str, float]] = None,
         scheduler = gamma.to_scheduler(pipe.scheduler.config, fill=fill, **kwargs)
     else:
         scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=gamma, **kwargs)
+    scheduler.set_timesteps = _checking_guidance_scale(scheduler.set_timesteps, weakref.ref(pipe),
+                                                       scheduler.config.get("gamma_guidance_scale"))
     pipe.scheduler = scheduler
-    hooks = pipe.unet._forward_pre_hooks.values()
-    if not any(isinstance(hook, GuidanceScaleCheck) for hook in hooks):
-        pipe.unet.register_forward_pre_hook(GuidanceScaleCheck(pipe))
     return scheduler
+
+
+def _checking_guidance_scale(set_timesteps, pipe_ref, table_scale: Optional[float]):
+    """`set_timesteps` that afterwards warns (once per scale) when the pipeline guides at another scale than the
+    table's. Pipelines set their guidance scale before their timesteps, so the check sees the current call's."""
+    warned = set()
+
+    @functools.wraps(set_timesteps)  # keeps the signature, which pipelines inspect
+    def checked_set_timesteps(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        pipe = pipe_ref()
+        sampling_scale = None if pipe is None else sampling_guidance_scale(pipe)
+        message = guidance_scale_mismatch(table_scale, sampling_scale)
+        if message is not None and sampling_scale not in warned:
+            warned.add(sampling_scale)
+            warnings.warn(message, stacklevel=2)
+
+    return checked_set_timesteps
 
 
 def sampling_guidance_scale(pipe) -> Optional[float]:
@@ -177,23 +196,3 @@ def guidance_scale_mismatch(table_scale: Optional[float], sampling_scale: Option
             f"{sampling_scale:g}{note}: Gamma of the guided prediction changes with the scale, so the variances are "
             f"not the optimal ones. Estimate a table at this scale (`estimate_pipeline_gamma(pipe, images, "
             f"guidance_scale={sampling_scale:g}, ...)`) or sample with `gamma_from_batch=True`.")
-
-
-class GuidanceScaleCheck:
-    """A forward pre-hook on a pipeline's `unet`: compares the scale the pipeline samples at with the one in its
-    scheduler's config (`gamma_guidance_scale`) and warns once per pair of scales."""
-
-    def __init__(self, pipe):
-        self.pipe = weakref.ref(pipe)
-        self.warned = set()
-
-    def __call__(self, module, args) -> None:
-        pipe = self.pipe()
-        if pipe is None:
-            return
-        table_scale = pipe.scheduler.config.get("gamma_guidance_scale")
-        sampling_scale = sampling_guidance_scale(pipe)
-        message = guidance_scale_mismatch(table_scale, sampling_scale)
-        if message is not None and (table_scale, sampling_scale) not in self.warned:
-            self.warned.add((table_scale, sampling_scale))
-            warnings.warn(message, stacklevel=2)

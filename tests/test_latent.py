@@ -1,6 +1,7 @@
 """Analytic-DPM in latent and text-to-image pipelines: latent and guided Gamma against oracles, the checks that keep a
 table with its pipeline, and sampling in LDM, Stable Diffusion (epsilon and v), img2img and the data-free route."""
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from torch.utils.data import DataLoader, TensorDataset
 
 from analytic_schedulers import AnalyticDPMScheduler, estimate_gamma
 from analytic_schedulers.latent import encode_images, estimate_pipeline_gamma
@@ -79,6 +81,16 @@ def test_latents_are_encoded_as_img2img_encodes_them():
     assert encoding == "mean" and not torch.allclose(mean, latents)
     seeded = [encode_images(vae, images, generator=seed)[0] for seed in (7, 7, 8)]
     assert torch.equal(seeded[0], seeded[1]) and not torch.allclose(seeded[0], seeded[2])
+
+
+def test_images_are_read_alike_from_tensors_datasets_and_loaders():
+    vae, images = tiny_vae(), tiny_images(5)
+    sources = [images, TensorDataset(images), DataLoader(TensorDataset(images), batch_size=2),
+               [{"pixel_values": images[:3]}, {"pixel_values": images[3:]}]]
+    expected, _ = encode_images(vae, images[:4], latent="mean")
+    for source in sources:
+        latents, _ = encode_images(vae, source, latent="mean", num_samples=4, batch_size=3)
+        torch.testing.assert_close(latents, expected)
 
 
 def test_latents_subtract_the_shift_factor_before_scaling():
@@ -249,6 +261,25 @@ def test_sampling_at_another_guidance_scale_warns_once_per_scale(tmp_path):
     messages = [str(w.message) for w in caught if "estimated for guidance scale" in str(w.message)]
     assert len(messages) == 2  # 5 once; 1 and 0 are the same unguided scale 1
     assert "samples at 5" in messages[0] and "conditional prediction alone" in messages[1]
+
+
+def test_pipelines_sharing_a_unet_check_their_own_tables(tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    text2img = tiny_stable_diffusion(tmp_path)
+    img2img = StableDiffusionImg2ImgPipeline(**text2img.components)
+    table = estimate_pipeline_gamma(text2img, tiny_images(4), prompt="cat", guidance_scale=3.0,
+                                    timesteps=trajectory(text2img, 2), progress=False)
+    use_analytic_dpm(text2img, table, fill="interpolate")
+    use_analytic_dpm(img2img, dataclasses.replace(table, guidance_scale=5.0), fill="interpolate")
+    calls = [(text2img, 3.0), (img2img, 5.0), (img2img, 3.0)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for pipe, scale in calls:
+            extra = {"image": (tiny_images(1) + 1) / 2} if pipe is img2img else {}
+            pipe("cat", num_inference_steps=2, guidance_scale=scale, output_type="latent", **extra)
+    messages = [str(w.message) for w in caught if "estimated for guidance scale" in str(w.message)]
+    assert len(messages) == 1 and "scale 5, but the pipeline samples at 3" in messages[0]
 
 
 # ------------------------------------------------------------------------------------------------ sampling
