@@ -108,7 +108,7 @@ def encode_images(
     if not isinstance(generator, torch.Generator):
         generator = make_generator(stream_seed(seed_of(generator), _ENCODE_STREAM), device)
     parts, encoding, low, high = [], "deterministic", math.inf, -math.inf
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: the results are ordinary tensors
         for images in image_batches(data, num_samples, batch_size):
             low, high = min(low, images.min().item()), max(high, images.max().item())
             z, encoding = _encode_batch(vae, images.to(device, dtype), latent, generator)
@@ -167,6 +167,8 @@ class GuidedPrediction(torch.nn.Module):
         uncond = self.negative_embeds.expand(n, -1, -1)
         if s == 0.0:
             return model_output_tensor(self.unet(sample, timestep, encoder_hidden_states=uncond.to(sample.dtype)))
+        if encoder_hidden_states is None and self.prompt_embeds is None:
+            raise ValueError("GuidedPrediction has no fixed prompt: pass `encoder_hidden_states` (one per sample).")
         cond = self.prompt_embeds.expand(n, -1, -1) if encoder_hidden_states is None else encoder_hidden_states
         if s == 1.0:
             return model_output_tensor(self.unet(sample, timestep, encoder_hidden_states=cond.to(sample.dtype)))
@@ -180,7 +182,7 @@ class GuidedPrediction(torch.nn.Module):
 def encode_captions(pipe, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """The pipeline's own text embeddings of `captions` (`pipe.encode_prompt`, no guidance), `[N, L, D]`."""
     device = model_device_dtype(pipe.text_encoder)[0]
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: the results are ordinary tensors
         parts = [pipe.encode_prompt(list(captions[i:i + batch_size]), device, 1, False)[0]
                  for i in range(0, len(captions), batch_size)]
     return torch.cat(parts)
