@@ -170,7 +170,7 @@ def test_captions_equal_to_the_prompt_give_the_prompts_gamma(sd):
     assert not torch.allclose(mixed.gamma[TIMESTEPS], prompt.gamma[TIMESTEPS])
 
 
-def test_empty_prompt_gamma_does_not_depend_on_the_scale(sd):
+def test_empty_prompt_gives_the_unconditional_gamma_with_no_scale_recorded(sd):
     images = tiny_images(4)
     empty = estimate_pipeline_gamma(sd, images, generator=4, **FAST)
     torch.testing.assert_close(empty.gamma, oracle_gamma_empty(sd, images), equal_nan=True)
