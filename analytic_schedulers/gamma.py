@@ -285,6 +285,7 @@ def estimate_gamma(
     resume_from: Optional[Union[GammaEstimate, GammaSums]] = None,
     callback: Optional[Callable[[GammaSums], None]] = None,
     model_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+    check_range: bool = True,
 ) -> Union[GammaEstimate, torch.Tensor]:
     """
     Estimates `Gamma_t = E ||eps_theta(x_t, t)||^2 / d` (Analytic-DPM, Bao et al. ICLR 2022, eq. 8) by Monte Carlo:
@@ -341,7 +342,7 @@ def estimate_gamma(
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
     resumed = _resumed_sums(resume_from, len(alphas_cumprod_float64(scheduler)))
     run = _prepare(model, data, scheduler, num_samples, batch_size, timesteps, generator, accelerator, device, dtype,
-                   resumed, model_kwargs)
+                   resumed, model_kwargs, check_range)
     local = GammaSums.zeros(len(run.abar), device=run.device)
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
@@ -375,7 +376,7 @@ def _resumed_sums(resume_from, num_train_timesteps: int) -> GammaSums:
 
 
 def _prepare(model, data, scheduler, num_samples, batch_size, timesteps, generator, accelerator, device, dtype,
-             resumed: GammaSums, model_kwargs) -> _Run:
+             resumed: GammaSums, model_kwargs, check_range: bool) -> _Run:
     """Processes, the schedule, the timesteps still to do, this process's images, and how calls are packed."""
     rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = accelerator.is_local_main_process if accelerator else True
@@ -390,7 +391,8 @@ def _prepare(model, data, scheduler, num_samples, batch_size, timesteps, generat
     if is_main and num_samples is not None and available is not None and num_samples > available:
         warnings.warn(f"`num_samples`={num_samples} but the data holds only {available} images; used all {used}.",
                       stacklevel=3)
-    _check_range(shard, accelerator, warn=is_main)
+    if check_range:
+        _check_range(shard, accelerator, warn=is_main)
     _check_resumable(resumed, used)
     in_channels = getattr(getattr(model, "config", None), "in_channels", None)
     if isinstance(in_channels, int) and shard.numel() and shard.shape[1] != in_channels:

@@ -20,7 +20,6 @@ prompt being sampled rather than of the data distribution.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -30,14 +29,14 @@ import torch
 
 from .data import images_from_batch
 from .gamma import estimate_gamma
-from .pipeline_gamma import PipelineGammaEstimate, schedule_alphas_cumprod
+from .pipeline_gamma import PipelineGammaEstimate
+from .schedule import alphas_cumprod_float64
 from .runtime import GeneratorLike, make_generator, model_device_dtype, model_output_tensor, seed_of, stream_seed
 
 __all__ = ["GuidedPrediction", "encode_captions", "encode_images", "estimate_pipeline_gamma", "image_batches"]
 
 LATENT_MODES = ("sample", "mean")
 _ENCODE_STREAM = 1  # the encoder's noise stream, `stream_seed(seed, 1)`, apart from estimate_gamma's
-_RANGE_WARNINGS = r"(The images range over|All image values lie in)"  # estimate_gamma's, meant for pixels
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,7 +306,7 @@ def estimate_pipeline_gamma(
     # 3. Gamma of that prediction on those inputs
     estimate = _estimate(model, x0, scheduler, model_kwargs, seed, estimate_kwargs, latent_space=vae is not None)
     bound = ((x0.max() - x0.min()).item() / 2) ** 2 if vae is not None else None
-    return PipelineGammaEstimate(estimate, tuple(x0.shape[1:]), schedule_alphas_cumprod(scheduler), encoding,
+    return PipelineGammaEstimate(estimate, tuple(x0.shape[1:]), alphas_cumprod_float64(scheduler), encoding,
                                  conditioning, scale, bound)
 
 
@@ -329,14 +328,6 @@ def _estimate(model, x0, scheduler, model_kwargs, seed: int, estimate_kwargs: Di
     if reserved:
         raise TypeError(f"estimate_pipeline_gamma sets {reserved} itself; pass `num_samples`/`generator` as its own "
                         "arguments.")
-    kwargs = dict(estimate_kwargs, generator=seed)
-    if model_kwargs is not None:
-        # per-image captions need the restructured estimate_gamma (`model_kwargs`); the fixed prompt does not
-        if "model_kwargs" not in inspect.signature(estimate_gamma).parameters:
-            raise NotImplementedError("Per-image captions need `estimate_gamma(..., model_kwargs=...)`, which this "
-                                      "version lacks; use one `prompt=` for all images.")
-        kwargs["model_kwargs"] = model_kwargs
-    with warnings.catch_warnings():
-        if latent_space:  # latents are not in [-1, 1]; the pixels were checked when encoding
-            warnings.filterwarnings("ignore", message=_RANGE_WARNINGS)
-        return estimate_gamma(model, x0, scheduler, **kwargs)
+    # latents are not in [-1, 1]; the pixels were checked when encoding
+    return estimate_gamma(model, x0, scheduler, generator=seed, model_kwargs=model_kwargs,
+                          check_range=not latent_space, **estimate_kwargs)

@@ -18,19 +18,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .gamma import GammaEstimate
-from .schedule import alphas_cumprod_from_betas
+from .schedule import alphas_cumprod_float64
 
 __all__ = ["PipelineGammaEstimate", "guidance_scale_mismatch", "sampling_guidance_scale", "use_analytic_dpm"]
 
 _FIX = "Estimate the table for this pipeline with `estimate_pipeline_gamma(pipe, images, ...)`."
-
-
-def schedule_alphas_cumprod(scheduler) -> torch.Tensor:
-    """`abar_t` of a diffusers scheduler in float64 (from its betas when it has them)."""
-    betas = getattr(scheduler, "betas", None)
-    if betas is not None:
-        return alphas_cumprod_from_betas(torch.as_tensor(betas).cpu())
-    return torch.as_tensor(scheduler.alphas_cumprod).to("cpu", torch.float64)
 
 
 @dataclass
@@ -99,7 +91,7 @@ class PipelineGammaEstimate:
 
     def check_schedule(self, scheduler) -> None:
         """Raises `ValueError` when `scheduler`'s noise schedule is not the one the table was estimated under."""
-        abar = schedule_alphas_cumprod(scheduler)
+        abar = alphas_cumprod_float64(scheduler)
         if abar.shape != self.alphas_cumprod.shape or not torch.allclose(abar, self.alphas_cumprod, atol=1e-6):
             raise ValueError(
                 f"The Gamma table was estimated under another noise schedule ({len(self.alphas_cumprod)} steps, "

@@ -3,7 +3,6 @@ table with its pipeline, and sampling in LDM, Stable Diffusion (epsilon and v), 
 
 import dataclasses
 import functools
-import inspect
 import math
 import warnings
 from types import SimpleNamespace
@@ -22,7 +21,6 @@ from tiny_pipelines import (SCALED_LINEAR, tiny_images, tiny_ldm, tiny_stable_di
 
 TIMESTEPS = [0, 300, 600, 999]
 FAST = dict(timesteps=TIMESTEPS, progress=False)
-HAS_MODEL_KWARGS = "model_kwargs" in inspect.signature(estimate_gamma).parameters
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +156,6 @@ def test_guided_gamma_is_gamma_of_the_guided_eps(pipe_name, request):
     assert not torch.allclose(guided.gamma[TIMESTEPS], unguided.gamma[TIMESTEPS])
 
 
-@pytest.mark.skipif(not HAS_MODEL_KWARGS, reason="per-image captions need estimate_gamma(model_kwargs=...)")
 def test_captions_equal_to_the_prompt_give_the_prompts_gamma(sd):
     images = tiny_images(4)
     prompt = estimate_pipeline_gamma(sd, images, prompt="cat", guidance_scale=3.0, generator=4, **FAST)
@@ -196,10 +193,9 @@ def test_captions_must_be_one_per_image(sd, captions):
 def test_captions_beyond_the_images_are_refused_unless_num_samples_cuts_the_data(sd):
     with pytest.raises(ValueError, match="4 captions for 2 images"):
         estimate_pipeline_gamma(sd, tiny_images(2), captions=["cat"] * 4, guidance_scale=3.0, **FAST)
-    if HAS_MODEL_KWARGS:
-        used = estimate_pipeline_gamma(sd, tiny_images(4), captions=["cat"] * 6, num_samples=2, guidance_scale=3.0,
-                                       **FAST)
-        assert used.estimate.num_samples == 2
+    used = estimate_pipeline_gamma(sd, tiny_images(4), captions=["cat"] * 6, num_samples=2, guidance_scale=3.0,
+                                   **FAST)
+    assert used.estimate.num_samples == 2
 
 
 @pytest.mark.parametrize("kwargs, match", [
