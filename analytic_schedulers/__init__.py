@@ -3,7 +3,7 @@
 from .gamma import GammaEstimate, GammaSums, estimate_gamma
 from .gaussian import GaussianDataModel
 from .likelihood import NELBOTerms, dataset_nll_bits_per_dim, nelbo_terms_bpd, nll_bits_per_dim
-from .noise_square_head import NoiseSquareHeadModel
+from .noise_square_head import NoiseSquareHead, NoiseSquareHeadModel, load_head_model
 from .scheduling_analytic_dpm import AnalyticDPMScheduler, AnalyticDPMSchedulerOutput
 from .scheduling_base import ReverseStepDistribution, ReverseStepOutput
 from .scheduling_sn_dpm import SNDPMScheduler, SNDPMSchedulerOutput
@@ -19,6 +19,7 @@ __all__ = [
     "GammaSums",
     "GaussianDataModel",
     "NELBOTerms",
+    "NoiseSquareHead",
     "NoiseSquareHeadModel",
     "ReverseStepDistribution",
     "ReverseStepOutput",
@@ -26,6 +27,7 @@ __all__ = [
     "SNDPMSchedulerOutput",
     "dataset_nll_bits_per_dim",
     "estimate_gamma",
+    "load_head_model",
     "nelbo_terms_bpd",
     "nll_bits_per_dim",
     "optimal_trajectory",

@@ -32,17 +32,24 @@ Scalar = Union[float, torch.Tensor]
 
 
 def eps_and_x0_from_model_output(
-    model_output: torch.Tensor, sample: torch.Tensor, abar_t: float, prediction_type: str
+    model_output: torch.Tensor, sample: torch.Tensor, abar_t: Scalar, prediction_type: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Turns a model output into the pair `(eps_hat, x0_hat)`.
 
     `epsilon`: the output is `eps_hat`. `sample`: the output is `x0_hat`. `v_prediction`:
     `v = sqrt(abar_t) * eps - sqrt(bbar_t) * x_0` (Salimans & Ho, 2022), so `x0 = sqrt(abar) x_t - sqrt(bbar) v` and
     `eps = sqrt(abar) v + sqrt(bbar) x_t`.
+
+    `abar_t` is a float, or a tensor broadcastable against `sample` for one timestep per sample (e.g. `[N, 1, 1, 1]`,
+    as in training). A tensor is not checked for zero-SNR entries, which would read it back from the device: there
+    an epsilon prediction's `x0_hat` is infinite (its `eps_hat` is still the output).
     """
-    sqrt_abar, sqrt_bbar = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
+    if isinstance(abar_t, torch.Tensor):
+        sqrt_abar, sqrt_bbar = abar_t.sqrt(), (1.0 - abar_t).sqrt()
+    else:
+        sqrt_abar, sqrt_bbar = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
     if prediction_type == "epsilon":
-        if abar_t <= 0.0:
+        if not isinstance(abar_t, torch.Tensor) and abar_t <= 0.0:
             raise ValueError(
                 "At a zero-SNR timestep (alphas_cumprod = 0) x_0 cannot be recovered from an epsilon prediction. "
                 "Use a `v_prediction` model with zero-terminal-SNR schedules, or `rescale_betas_zero_snr=False`."

@@ -4,43 +4,43 @@ The recipe of Bao et al. (ICML 2022): the pretrained noise network stays frozen;
 `||h - eps^2||^2` (SN) or `||h - (eps - eps_hat)^2||^2` (NPR), `t` uniform over the training timesteps, Adam, EMA of the
 head's weights. The loss here is the mean over all elements (a constant multiple of the papers' sum of squares).
 
-Checkpoints are safetensors and JSON only: tensors (head, EMA, Adam's moments, RNG state) in safetensors files, scalars and the
-optimizer's hyperparameters in JSON.
+What a run writes to its `output_dir`:
+
+- the final head, a `NoiseSquareHead` folder (`config.json`, `diffusion_pytorch_model.safetensors`, EMA weights),
+  which `load_head_model(output_dir, unet)` composes with the backbone,
+- `loss_history.json`, the loss of every optimizer step,
+- `checkpoints/checkpoint-<step>/`, written by `runtime.save_checkpoint` without pickles: the head, the EMA weights,
+  Adam's moments and the RNG states in safetensors files; scalars and hyperparameters in `trainer_state.json`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+
+from .data import images_from_batch
+from .noise_square_head import NoiseSquareHeadModel
+from .reverse_step import eps_and_x0_from_model_output
+from .runtime import (GeneratorLike, call_model, is_checkpoint, load_checkpoint, save_checkpoint, seed_of,
+                      write_json_atomically)
 
 __all__ = ["train_noise_square_head", "noise_square_head_loss", "latest_checkpoint"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINTS_DIR = "checkpoints"
+LOSS_HISTORY = "loss_history.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The loss, as a pure function
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def eps_from_prediction(prediction: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor,
-                        prediction_type: str) -> torch.Tensor:
-    """`eps_hat` from a backbone output of `prediction_type`; `abar_t` broadcasts against the sample (per sample)."""
-    if prediction_type == "epsilon":
-        return prediction
-    if prediction_type == "v_prediction":  # v = sqrt(abar) eps - sqrt(bbar) x_0
-        return abar_t.sqrt() * prediction + (1 - abar_t).sqrt() * x_t
-    if prediction_type == "sample":
-        return (x_t - abar_t.sqrt() * prediction) / (1 - abar_t).sqrt()
-    raise ValueError(f"Unknown `prediction_type` {prediction_type!r}.")
 
 
 def noise_square_head_loss(h: torch.Tensor, eps: torch.Tensor, eps_hat: torch.Tensor,
@@ -60,117 +60,14 @@ def noise_square_head_loss(h: torch.Tensor, eps: torch.Tensor, eps_hat: torch.Te
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + JSON)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[str]:
-    """The folder of the last complete checkpoint under `output_dir/checkpoints`, or `None`."""
-    folder = os.path.join(output_dir, CHECKPOINTS_DIR)
-    if not os.path.isdir(folder):
-        return None
-    steps = []
-    for name in os.listdir(folder):
-        if name.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(folder, name, "trainer_state.json")):
-            try:
-                steps.append((int(name[len(CHECKPOINT_PREFIX):]), name))
-            except ValueError:
-                continue
-    return os.path.join(folder, max(steps)[1]) if steps else None
-
-
-def _optimizer_to_files(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Splits an optimizer state dict into tensors (for safetensors) and JSON-able scalars."""
-    tensors, scalars = {}, {}
-    for index, entries in state_dict["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{index}.{name}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
-              for group in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _optimizer_from_files(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
-    state: Dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in group.items()} for group in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _save_checkpoint(folder: str, head, ema: Sequence[torch.Tensor], optimizer, scaler,
-                     generators: Dict[int, torch.Tensor], trainer_state: dict) -> None:
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    names = [name for name, _ in head.named_parameters()]
-    save_file({f"head.{k}": v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
-              os.path.join(tmp, "head.safetensors"))
-    save_file({f"head.{n}": e.detach().contiguous().cpu() for n, e in zip(names, ema)},
-              os.path.join(tmp, "ema.safetensors"))
-    tensors, meta = _optimizer_to_files(optimizer.state_dict())
-    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    if scaler is not None:
-        meta["grad_scaler"] = scaler.state_dict()
-    with open(os.path.join(tmp, "optimizer.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    save_file({f"generator.{rank}": state for rank, state in generators.items()}, os.path.join(tmp, "rng.safetensors"))
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump(trainer_state, f, indent=1)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-def _prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
-    if not keep:
-        return
-    folder = os.path.join(output_dir, CHECKPOINTS_DIR)
-    names = sorted((n for n in os.listdir(folder) if n.startswith(CHECKPOINT_PREFIX) and not n.endswith(".tmp")),
-                   key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))
-    for name in names[:-keep]:
-        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _as_image_tensor(data, in_channels: int) -> torch.Tensor:
-    if not isinstance(data, torch.Tensor):
-        try:
-            data = torch.stack([torch.as_tensor(data[i]) for i in range(len(data))])
-        except (TypeError, RuntimeError) as error:
-            raise TypeError(
-                "`data` must be a float tensor [N, C, H, W] in [-1, 1] or a sequence of [C, H, W] tensors: "
-                f"{error}"
-            ) from None
-    if data.ndim != 4 or data.shape[1] != in_channels or len(data) == 0:
-        raise ValueError(
-            f"`data` must have shape [N, {in_channels}, H, W] (the backbone's channels), got {tuple(data.shape)}."
-        )
-    return data.float()
-
-
-def _alphas_cumprod(noise_scheduler) -> torch.Tensor:
-    abar = getattr(noise_scheduler, "alphas_cumprod", noise_scheduler)
-    abar = torch.as_tensor(abar, dtype=torch.float64).flatten()
-    if abar.ndim != 1 or len(abar) < 2 or not torch.isfinite(abar).all():
-        raise ValueError("`noise_scheduler` must be a diffusers scheduler with `alphas_cumprod`, or that tensor.")
-    return abar
-
-
 def train_noise_square_head(
-    head_model,
+    head_model: NoiseSquareHeadModel,
     data,
-    noise_scheduler,
+    scheduler,
     num_steps: int = 1000,
     batch_size: int = 128,
     lr: float = 1e-4,
@@ -182,11 +79,11 @@ def train_noise_square_head(
     checkpoint_every: int = 1000,
     checkpoints_total_limit: Optional[int] = 2,
     resume: bool = True,
-    seed: int = 0,
+    generator: GeneratorLike = 0,
     progress: bool = True,
     log_every: int = 100,
     use_ema_weights: bool = True,
-    save_kwargs: Optional[dict] = None,
+    accelerator=None,
 ) -> List[float]:
     """
     Trains the head of a `NoiseSquareHeadModel` (the backbone stays frozen) with Accelerate.
@@ -195,170 +92,345 @@ def train_noise_square_head(
     replacement), one fresh `t ~ U{0, ..., T-1}` and `eps ~ N(0, I)` per image, and regresses `h` on `eps^2` (SN) or on
     `(eps - eps_hat)^2` (NPR). Run it under `accelerate launch` for several GPUs.
 
+    The EMA of the head's weights is diffusers' `EMAModel`: with `ema_warmup` its decay at step `s >= 1` (0-based) is
+    `min(ema_decay, (1 + s) / (10 + s))`, without it `ema_decay`; at step 0 it starts from the weights themselves.
+
     Args:
         head_model (`NoiseSquareHeadModel`): the model to train; its `covariance_type` selects the loss.
-        data (`torch.Tensor` or sequence): training images `[N, C, H, W]` in `[-1, 1]`, held in memory.
-        noise_scheduler: the diffusers scheduler the backbone was trained with (its `alphas_cumprod` and
+        data (`torch.Tensor`, array or sequence): training images `[N, C, H, W]` in `[-1, 1]`, held in memory: a
+            float tensor or array, a dict batch (`data.images_from_batch`), or a sequence of images or of dataset
+            items (`(image, label)` tuples, dicts) read with `data.images_from_batch`.
+        scheduler: the diffusers scheduler the backbone was trained with (its `alphas_cumprod` and
             `prediction_type` are read), or an `alphas_cumprod` tensor (epsilon prediction assumed).
         num_steps (`int`, defaults to 1000): the total number of optimizer steps (including resumed ones).
         batch_size (`int`, defaults to 128): images per micro-batch and process.
         lr (`float`, defaults to 1e-4): Adam's learning rate.
         ema_decay (`float`, defaults to 0.9999): the EMA decay of the head's weights.
-        ema_warmup (`bool`, defaults to `True`): use `min(ema_decay, (1 + step) / (10 + step))`, so that short runs
-            get a useful EMA (the papers' 0.9999 assumes hundreds of thousands of steps).
+        ema_warmup (`bool`, defaults to `True`): warm the decay up as above, so that short runs get a useful EMA (the
+            papers' 0.9999 assumes hundreds of thousands of steps).
         gradient_accumulation_steps (`int`, defaults to 1): micro-batches per optimizer step.
-        mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`, passed to `Accelerator`.
-        output_dir (`str`, *optional*): where checkpoints (`checkpoints/checkpoint-<step>`), `loss_history.json` and
-            the final head (`save_pretrained`, EMA weights) go. `None` saves nothing.
+        mixed_precision (`str`, defaults to `"no"`): `"no"`, `"fp16"` or `"bf16"`, for the `Accelerator` built here.
+        output_dir (`str`, *optional*): where checkpoints, `loss_history.json` and the final head (a `NoiseSquareHead`
+            folder with the EMA weights) go. `None` saves nothing.
         checkpoint_every (`int`, defaults to 1000): steps between checkpoints (also written at the end).
         checkpoints_total_limit (`int`, *optional*, defaults to 2): keep only the newest checkpoints.
         resume (`bool`, defaults to `True`): continue from the newest checkpoint in `output_dir`, if any.
-        seed (`int`, defaults to 0): seeds the batches, timesteps and noise (per process).
-        progress (`bool`, defaults to `True`): show a tqdm bar with the loss.
-        log_every (`int`, defaults to 100): print the mean loss every this many steps (0: never).
+        generator (`int` or `torch.Generator`, defaults to 0): the seed of the batches, timesteps and noise (one
+            stream per process), read with `runtime.seed_of`.
+        progress (`bool`, defaults to `True`): show a tqdm bar (with the loss of the last logged window).
+        log_every (`int`, defaults to 100): print the mean loss every this many steps (0: never). The losses are
+            read back from the device only then and at checkpoints.
         use_ema_weights (`bool`, defaults to `True`): leave `head_model` with the EMA weights at the end (the final
             saved head always has them).
-        save_kwargs (`dict`, *optional*): arguments of `head_model.save_pretrained` for the final head, e.g.
-            `{"save_backbone": False, "backbone_path": "google/ddpm-cifar10-32"}`.
+        accelerator (`accelerate.Accelerator`, *optional*): the processes to train on; by default one is built with
+            `mixed_precision` and `gradient_accumulation_steps`. A given one must accumulate
+            `gradient_accumulation_steps` micro-batches.
 
     Returns:
         `List[float]`: the loss of every optimizer step so far (resumed steps included), averaged over micro-batches
         and processes.
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    if num_steps < 0 or batch_size < 1 or gradient_accumulation_steps < 1 or lr <= 0:
-        raise ValueError("`num_steps` must be >= 0 and `batch_size`, `gradient_accumulation_steps`, `lr` positive.")
-    if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"`ema_decay` must lie in [0, 1), got {ema_decay}.")
-    if getattr(head_model, "unet", None) is None or not hasattr(head_model, "head"):
-        raise TypeError("`head_model` must be a `NoiseSquareHeadModel` with its backbone attached.")
-    config = head_model.config
-    images = _as_image_tensor(data, config.in_channels)
-    abar_table = _alphas_cumprod(noise_scheduler)
-    T = len(abar_table)
-    prediction_type = getattr(getattr(noise_scheduler, "config", None), "prediction_type", "epsilon")
-
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
-    device = accelerator.device
-
-    # only the head trains: freeze the backbone and check the optimizer's parameter list
-    head_model.unet.requires_grad_(False)
-    head_params = list(head_model.head.parameters())
-    optimizer = torch.optim.Adam(head_params, lr=lr)
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if in_optimizer != {id(p) for p in head_params} or in_optimizer & {id(p) for p in head_model.unet.parameters()}:
-        raise RuntimeError("The optimizer must hold exactly the head's parameters.")
-    head_model.train()
-    model, optimizer = accelerator.prepare(head_model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    ema = [p.detach().clone().float() for p in unwrapped.head.parameters()]
-
-    rank = accelerator.process_index
-    generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)
-    losses: List[float] = []
-    start = 0
+    _check_arguments(num_steps, batch_size, gradient_accumulation_steps, lr, ema_decay, checkpoint_every, log_every)
+    run = _set_up(head_model, data, scheduler, num_steps, batch_size, lr, ema_decay, ema_warmup,
+                  gradient_accumulation_steps, mixed_precision, generator, accelerator)
     output_dir = None if output_dir is None else os.fspath(output_dir)
     checkpoint = latest_checkpoint(output_dir) if (output_dir and resume) else None
     if checkpoint is not None:
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            trainer_state = json.load(f)
-        if trainer_state.get("covariance_type") != config.covariance_type:
-            raise ValueError(
-                f"The checkpoint {checkpoint} trained a {trainer_state.get('covariance_type')!r} head, this model is "
-                f"{config.covariance_type!r}; use another `output_dir` or `resume=False`."
-            )
-        unwrapped.load_state_dict(load_file(os.path.join(checkpoint, "head.safetensors")), strict=False)
-        ema_state = load_file(os.path.join(checkpoint, "ema.safetensors"))
-        ema = [ema_state[f"head.{name}"].to(device) for name, _ in unwrapped.head.named_parameters()]
-        with open(os.path.join(checkpoint, "optimizer.json")) as f:
-            meta = json.load(f)
-        optimizer.load_state_dict(_optimizer_from_files(load_file(os.path.join(checkpoint, "optimizer.safetensors")),
-                                                        meta))
-        if accelerator.scaler is not None and "grad_scaler" in meta:
-            accelerator.scaler.load_state_dict(meta["grad_scaler"])
-        rng = load_file(os.path.join(checkpoint, "rng.safetensors"))
-        if f"generator.{rank}" in rng:
-            generator.set_state(rng[f"generator.{rank}"])
-        start, losses = int(trainer_state["step"]), [float(x) for x in trainer_state["losses"]]
-        accelerator.print(f"Resuming from {checkpoint} (step {start}).")
-    ema = [e.to(device) for e in ema]
-
-    def checkpoint_now(step: int) -> None:
-        if output_dir is None:
-            return
-        # every process's generator state goes into the checkpoint
-        states = accelerator.gather(generator.get_state().to(device)[None]).cpu()
-        if accelerator.is_main_process:
-            folder = os.path.join(output_dir, CHECKPOINTS_DIR, f"{CHECKPOINT_PREFIX}{step}")
-            _save_checkpoint(folder, unwrapped.head, ema, optimizer, accelerator.scaler,
-                             {r: states[r] for r in range(len(states))},
-                             {"step": step, "losses": losses, "covariance_type": config.covariance_type,
-                              "batch_size": batch_size, "lr": lr, "seed": seed,
-                              "gradient_accumulation_steps": gradient_accumulation_steps,
-                              "num_processes": accelerator.num_processes, "mixed_precision": mixed_precision})
-            _prune_checkpoints(output_dir, checkpoints_total_limit)
-        accelerator.wait_for_everyone()
-
-    bar = tqdm(total=num_steps, initial=min(start, num_steps), desc=f"train {config.covariance_type} head",
-               disable=not (progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    C = config.in_channels
-    for step in range(start, num_steps):
-        step_loss = 0.0
-        for _ in range(gradient_accumulation_steps):
-            index = torch.randint(len(images), (batch_size,), generator=generator)
-            t = torch.randint(T, (batch_size,), generator=generator)
-            x0 = images[index].to(device)
-            eps = torch.randn(x0.shape, generator=generator).to(device)
-            abar = abar_table[t].to(device=device, dtype=torch.float32).reshape(-1, 1, 1, 1)
-            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-            with accelerator.accumulate(model):
-                output = model(x_t, t.to(device)).sample
-                prediction, h = output.split(C, dim=1)
-                eps_hat = eps_from_prediction(prediction.float(), x_t, abar, prediction_type)
-                loss = noise_square_head_loss(h, eps, eps_hat, config.covariance_type)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += accelerator.reduce(loss.detach(), "mean").item() / gradient_accumulation_steps
-        # 2. EMA of the head's weights, after the optimizer step
-        decay = min(ema_decay, (1.0 + step) / (10.0 + step)) if ema_warmup else ema_decay
-        with torch.no_grad():
-            for e, p in zip(ema, unwrapped.head.parameters()):
-                e.mul_(decay).add_(p.detach().float(), alpha=1.0 - decay)
-        losses.append(step_loss)
+        _resume(run, checkpoint)
+    bar = _progress_bar(run, num_steps, progress)
+    for step in range(run.start, num_steps):
+        _optimizer_step(run, step)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
         done = step + 1
         if log_every and done % log_every == 0:
-            window = losses[-log_every:]
-            bar.write(f"step {done}: loss {sum(window) / len(window):.5f}")
-        if done % checkpoint_every == 0 and done < num_steps:
-            checkpoint_now(done)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"The head's loss became {step_loss} at step {done}; lower `lr`.")
+            _log(run, bar, done, log_every)
+        if output_dir is not None and done % checkpoint_every == 0 and done < num_steps:
+            _save_checkpoint(run, output_dir, done, checkpoints_total_limit)
     bar.close()
-
-    if output_dir is not None and (checkpoint is None or start < num_steps):
-        checkpoint_now(max(num_steps, start))
-    ema_weights = [e.to(p.dtype) for e, p in zip(ema, unwrapped.head.parameters())]
-    if output_dir is not None and accelerator.is_main_process:
-        trained = [p.detach().clone() for p in unwrapped.head.parameters()]
-        _copy_into(unwrapped.head, ema_weights)
-        unwrapped.save_pretrained(output_dir, **(save_kwargs or {}))
-        _copy_into(unwrapped.head, trained)
-        with open(os.path.join(output_dir, "loss_history.json"), "w") as f:
-            json.dump({"covariance_type": config.covariance_type, "losses": losses}, f)
-    if use_ema_weights:
-        _copy_into(unwrapped.head, ema_weights)
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores the model's own forward
-    unwrapped.eval()
-    accelerator.wait_for_everyone()
-    return losses
+    if output_dir is not None and (checkpoint is None or run.start < num_steps):
+        _save_checkpoint(run, output_dir, max(num_steps, run.start), checkpoints_total_limit)
+    _finish(run, head_model, output_dir, num_steps, use_ema_weights)
+    return run.losses
 
 
-def _copy_into(module, tensors: Sequence[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for p, value in zip(module.parameters(), tensors):
-            p.copy_(value)
+@dataclass
+class _Run:
+    """What the steps of one training run share."""
+
+    accelerator: Any
+    model: Any  # as prepared by the accelerator
+    head: torch.nn.Module  # the head of the unwrapped model
+    optimizer: Any
+    ema: Any  # diffusers.training_utils.EMAModel of the head's parameters
+    images: torch.Tensor  # [N, C, H, W] on the CPU
+    alphas_cumprod: torch.Tensor  # [T], float64, on the CPU
+    prediction_type: str
+    generator: torch.Generator  # this process's stream, on the CPU
+    batch_size: int
+    micro_batches: int
+    history: torch.Tensor  # [num_steps] step losses on the device, read back into `losses` now and then
+    settings: Dict[str, Any]  # hyperparameters recorded in checkpoints
+    losses: List[float] = field(default_factory=list)
+    start: int = 0
+
+    @property
+    def covariance_type(self) -> str:
+        return self.head.config.covariance_type
+
+
+def _check_arguments(num_steps, batch_size, gradient_accumulation_steps, lr, ema_decay, checkpoint_every,
+                     log_every) -> None:
+    if num_steps < 0 or batch_size < 1 or gradient_accumulation_steps < 1 or lr <= 0 or checkpoint_every < 1:
+        raise ValueError("`num_steps` must be >= 0 and `batch_size`, `gradient_accumulation_steps`, `lr`, "
+                         "`checkpoint_every` positive.")
+    if log_every < 0:
+        raise ValueError(f"`log_every` must be >= 0 (0: never), got {log_every}.")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"`ema_decay` must lie in [0, 1), got {ema_decay}.")
+
+
+def _set_up(head_model, data, scheduler, num_steps, batch_size, lr, ema_decay, ema_warmup, micro_batches,
+            mixed_precision, generator, accelerator) -> _Run:
+    """Checks the inputs, prepares model and Adam with the accelerator, and starts the EMA and the RNG stream."""
+    from diffusers.training_utils import EMAModel
+
+    if not isinstance(head_model, NoiseSquareHeadModel):
+        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
+                        f"got {type(head_model).__name__}.")
+    images = _training_images(data, head_model.head.config.in_channels)
+    alphas_cumprod, prediction_type = _noise_schedule(scheduler)
+    accelerator = _accelerator(accelerator, mixed_precision, micro_batches)
+    seed = seed_of(generator)
+
+    head_model.unet.requires_grad_(False)  # only the head trains
+    head_model.train()
+    optimizer = torch.optim.Adam(head_model.head.parameters(), lr=lr)
+    model, optimizer = accelerator.prepare(head_model, optimizer)
+    head = accelerator.unwrap_model(model).head
+    # without warm-up the decay is constant: its floor `min_decay` equals it
+    ema = EMAModel(head.parameters(), decay=float(ema_decay), min_decay=0.0 if ema_warmup else float(ema_decay))
+    ema.to(dtype=torch.float32)
+    settings = {"covariance_type": head.config.covariance_type, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "gradient_accumulation_steps": micro_batches, "num_processes": accelerator.num_processes,
+                "mixed_precision": accelerator.mixed_precision, "ema_decay": ema_decay, "ema_warmup": ema_warmup}
+    return _Run(
+        accelerator=accelerator, model=model, head=head, optimizer=optimizer, ema=ema, images=images,
+        alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
+        generator=torch.Generator().manual_seed(seed + 1_000_003 * accelerator.process_index),
+        batch_size=batch_size, micro_batches=micro_batches,
+        history=torch.zeros(num_steps, device=accelerator.device), settings=settings,
+    )
+
+
+def _training_images(data, in_channels: int) -> torch.Tensor:
+    """`data` as one float tensor `[N, C, H, W]`, with the shape checked against the model."""
+    if isinstance(data, (torch.Tensor, np.ndarray, dict)):
+        images = images_from_batch(data)
+    else:
+        try:
+            images = torch.stack([images_from_batch(data[i]) for i in range(len(data))])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                "`data` must be float images [N, C, H, W] in [-1, 1]: a tensor or array, or a sequence of [C, H, W] "
+                f"images (or of dataset items holding them): {error}"
+            ) from None
+    if images.ndim != 4 or images.shape[1] != in_channels or len(images) == 0:
+        raise ValueError(
+            f"`data` must have shape [N, {in_channels}, H, W] (the backbone's channels), got {tuple(images.shape)}."
+        )
+    return images.float()
+
+
+def _noise_schedule(scheduler) -> Tuple[torch.Tensor, str]:
+    """`(alphas_cumprod in float64, prediction_type)` of a diffusers scheduler or of an `alphas_cumprod` tensor."""
+    abar = getattr(scheduler, "alphas_cumprod", scheduler)
+    abar = torch.as_tensor(abar, dtype=torch.float64).flatten()
+    if len(abar) < 2 or not torch.isfinite(abar).all():
+        raise ValueError("`scheduler` must be a diffusers scheduler with `alphas_cumprod`, or that tensor.")
+    return abar, getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+
+
+def _accelerator(accelerator, mixed_precision: str, gradient_accumulation_steps: int):
+    """The given `Accelerator` (checked against the arguments), or a new one."""
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
+    if accelerator.gradient_accumulation_steps != gradient_accumulation_steps:
+        raise ValueError(
+            f"The accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
+            f"`gradient_accumulation_steps` is {gradient_accumulation_steps}: pass the same number to both."
+        )
+    if mixed_precision not in ("no", accelerator.mixed_precision):
+        raise ValueError(f"The accelerator's mixed precision is {accelerator.mixed_precision!r}, not "
+                         f"{mixed_precision!r}: set it on the Accelerator.")
+    return accelerator
+
+
+def _optimizer_step(run: _Run, step: int) -> None:
+    """One optimizer step over `micro_batches` micro-batches, then the EMA; the step's loss stays on the device."""
+    C = run.head.config.in_channels
+    step_loss = torch.zeros((), device=run.accelerator.device)
+    for _ in range(run.micro_batches):
+        x_t, t, eps, abar = _draw_batch(run)
+        with run.accelerator.accumulate(run.model):
+            prediction, h = call_model(run.model, x_t, t, dtype=x_t.dtype).split(C, dim=1)
+            eps_hat, _ = eps_and_x0_from_model_output(prediction.float(), x_t, abar, run.prediction_type)
+            loss = noise_square_head_loss(h, eps, eps_hat, run.covariance_type)
+            run.accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        step_loss += run.accelerator.reduce(loss.detach(), "mean")
+    run.ema.step(run.head.parameters())
+    run.history[step] = step_loss / run.micro_batches
+
+
+def _draw_batch(run: _Run) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(x_t, t, eps, abar_t)` of one micro-batch: images with replacement, `t` uniform, fresh noise."""
+    device = run.accelerator.device
+    index = torch.randint(len(run.images), (run.batch_size,), generator=run.generator)
+    t = torch.randint(len(run.alphas_cumprod), (run.batch_size,), generator=run.generator)
+    x0 = run.images[index].to(device)
+    eps = torch.randn(x0.shape, generator=run.generator).to(device)
+    abar = run.alphas_cumprod[t].to(device=device, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    return x_t, t.to(device), eps, abar
+
+
+def _read_losses(run: _Run, until: int) -> List[float]:
+    """`run.losses` filled up to step `until` from the device history (one read); raises on a non-finite loss."""
+    begin = len(run.losses)
+    if until > begin:
+        new = run.history[begin:until].tolist()
+        bad = next((i for i, value in enumerate(new) if not math.isfinite(value)), None)
+        if bad is not None:
+            raise FloatingPointError(f"The head's loss became {new[bad]} at step {begin + bad + 1}; lower `lr`.")
+        run.losses.extend(new)
+    return run.losses
+
+
+def _progress_bar(run: _Run, num_steps: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=num_steps, initial=min(run.start, num_steps), desc=f"train {run.covariance_type} head",
+                disable=not (progress and run.accelerator.is_local_main_process), dynamic_ncols=True)
+
+
+def _log(run: _Run, bar, done: int, log_every: int) -> None:
+    """Reads the window's losses back, shows the last on the bar and prints the window's mean."""
+    window = _read_losses(run, done)[-log_every:]
+    bar.set_postfix(loss=f"{window[-1]:.4f}")
+    if run.accelerator.is_local_main_process:
+        bar.write(f"step {done}: loss {sum(window) / len(window):.5f}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints and the end of a run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[str]:
+    """The folder of the last complete checkpoint under `output_dir/checkpoints`, or `None`."""
+    folder = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(folder):
+        return None
+    steps = [(int(name[len(CHECKPOINT_PREFIX):]), name) for name in os.listdir(folder)
+             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+             and is_checkpoint(os.path.join(folder, name))]
+    return os.path.join(folder, max(steps)[1]) if steps else None
+
+
+def _save_checkpoint(run: _Run, output_dir: str, step: int, keep: Optional[int]) -> None:
+    """Writes `checkpoints/checkpoint-<step>` (every process's RNG state included) and prunes old ones."""
+    losses = _read_losses(run, step)
+    states = run.accelerator.gather(run.generator.get_state().to(run.accelerator.device)[None]).cpu()
+    if run.accelerator.is_main_process:
+        optimizer_tensors, optimizer_state = _split_optimizer_state(run.optimizer.state_dict())
+        names = [name for name, _ in run.head.named_parameters()]
+        tensors = {"head": run.head.state_dict(), "ema": dict(zip(names, run.ema.shadow_params)),
+                   "optimizer": optimizer_tensors, "rng": {f"generator.{r}": s for r, s in enumerate(states)}}
+        state = {"step": step, "losses": losses, **run.settings, "optimizer": optimizer_state,
+                 "ema_optimization_step": run.ema.optimization_step}
+        if run.accelerator.scaler is not None:
+            state["grad_scaler"] = run.accelerator.scaler.state_dict()
+        save_checkpoint(os.path.join(output_dir, CHECKPOINTS_DIR, f"{CHECKPOINT_PREFIX}{step}"), tensors, state)
+        _prune_checkpoints(output_dir, keep)
+    run.accelerator.wait_for_everyone()
+
+
+def _resume(run: _Run, checkpoint: str) -> None:
+    """Restores head, EMA, Adam, grad scaler and this process's RNG stream from a checkpoint."""
+    tensors, state = load_checkpoint(checkpoint)
+    if "ema_optimization_step" not in state:
+        raise ValueError(f"The checkpoint {checkpoint} was written by analytic-schedulers 0.1, whose checkpoints do not "
+                         "resume here: use another `output_dir` or `resume=False`.")
+    if state.get("covariance_type") != run.covariance_type:
+        raise ValueError(
+            f"The checkpoint {checkpoint} trained a {state.get('covariance_type')!r} head, this model is "
+            f"{run.covariance_type!r}; use another `output_dir` or `resume=False`."
+        )
+    device = run.accelerator.device
+    run.head.load_state_dict(tensors["head"])
+    shadow = [tensors["ema"][name].to(device) for name, _ in run.head.named_parameters()]
+    run.ema.load_state_dict({"optimization_step": int(state["ema_optimization_step"]), "shadow_params": shadow})
+    run.optimizer.load_state_dict(_join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+    if run.accelerator.scaler is not None and "grad_scaler" in state:
+        run.accelerator.scaler.load_state_dict(state["grad_scaler"])
+    rng_key = f"generator.{run.accelerator.process_index}"
+    if rng_key in tensors["rng"]:
+        run.generator.set_state(tensors["rng"][rng_key])
+    run.start, run.losses = int(state["step"]), [float(x) for x in state["losses"]]
+    run.accelerator.print(f"Resuming from {checkpoint} (step {run.start}).")
+
+
+def _finish(run: _Run, head_model, output_dir: Optional[str], num_steps: int, use_ema_weights: bool) -> None:
+    """Saves the head with the EMA weights and the loss history, and leaves `head_model` in `eval()` mode."""
+    _read_losses(run, num_steps)
+    parameters = list(run.head.parameters())
+    if not use_ema_weights:
+        run.ema.store(parameters)
+    run.ema.copy_to(parameters)
+    if output_dir is not None and run.accelerator.is_main_process:
+        run.head.save_pretrained(output_dir)
+        write_json_atomically(os.path.join(output_dir, LOSS_HISTORY),
+                              {"covariance_type": run.covariance_type, "losses": run.losses})
+    if not use_ema_weights:
+        run.ema.restore(parameters)
+    run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # restores the model's own forward
+    head_model.eval()
+    run.accelerator.wait_for_everyone()
+
+
+def _split_optimizer_state(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict as tensors (for safetensors) and JSON-able rest."""
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+              for group in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: Dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of `_split_optimizer_state`."""
+    state: Dict[int, dict] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in group.items()} for group in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
+    if not keep:
+        return
+    folder = os.path.join(output_dir, CHECKPOINTS_DIR)
+    names = sorted((n for n in os.listdir(folder)
+                    if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()),
+                   key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))
+    for name in names[:-keep]:
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)

@@ -1,15 +1,19 @@
-"""NoiseSquareHeadModel: wrapping a frozen UNet2DModel, the [eps, h] output, saving/loading, pipelines."""
+"""NoiseSquareHead and NoiseSquareHeadModel: the [eps, h] output, composing, saving/loading, pipelines, old folders."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from analytic_schedulers.noise_square_head import NoiseSquareHeadModel
+from analytic_schedulers.noise_square_head import NoiseSquareHead, NoiseSquareHeadModel, load_head_model
 from analytic_schedulers.scheduling_sn_dpm import SNDPMScheduler
+
+BUNDLED = Path(__file__).resolve().parents[1] / "analytic_schedulers" / "assets" / "ddpm-digits-16"
 
 
 def make_unet(channels=1, out_channels=None, seed=0):
@@ -29,9 +33,14 @@ def perturb_head(model, seed=1):
     return model
 
 
-def inputs(channels=1, batch=3):
+def inputs(channels=1, batch=3, size=8):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, channels, 8, 8, generator=g), torch.tensor([0, 400, 999])[:batch]
+    return torch.randn(batch, channels, size, size, generator=g), torch.tensor([0, 400, 999, 10])[:batch]
+
+
+def assert_same_output(a, b, x, t):
+    with torch.no_grad():
+        assert torch.equal(a(x, t).sample, b(x, t).sample)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -48,10 +57,22 @@ def test_output_is_backbone_eps_and_h(channels, resblock):
     eps, h = out.sample.split(channels, dim=1)
     assert torch.equal(eps, unet(x, t).sample)  # bit for bit the backbone's prediction
     torch.testing.assert_close(h, torch.ones_like(h))  # zero-initialised conv + shifted softplus: h = 1 = E[eps^2]
-    assert model.config.in_channels == channels and model.config.sample_size == 8
+    assert model.config.in_channels == channels and model.config.sample_size == 8  # what pipelines read
+    assert model.covariance_type == "sn"
     assert model(x, t, return_dict=False)[0].shape == out.sample.shape
     perturb_head(model)
     assert (model(x, t).sample[:, channels:] > 0).all()
+
+
+def test_the_head_alone_computes_h_from_the_feature_map():
+    unet = make_unet()
+    head = NoiseSquareHead.for_backbone(unet, covariance_type="npr", resblock=True)
+    assert head.config.feature_channels == 8 and head.config.temb_channels == 32 and head.config.in_channels == 1
+    features, temb = torch.randn(2, 8, 8, 8), torch.randn(2, 32)
+    torch.testing.assert_close(head(features, temb), torch.ones(2, 1, 8, 8))
+    composed = perturb_head(NoiseSquareHeadModel(unet=unet, head=head))
+    assert composed.head is head and composed.covariance_type == "npr"
+    assert not torch.equal(head(features, temb), torch.ones(2, 1, 8, 8))
 
 
 def test_backbone_frozen_and_only_head_trainable():
@@ -80,13 +101,16 @@ def test_identity_activation_and_learned_variance_backbone():
         NoiseSquareHeadModel.from_unet(unet, output_activation="exp")
 
 
-def test_mismatched_backbone_and_missing_backbone():
-    model = NoiseSquareHeadModel.from_unet(make_unet(1))
-    with pytest.raises(ValueError, match="another backbone"):
-        model.attach_backbone(make_unet(3))
-    bare = NoiseSquareHeadModel.from_config(model.config)
-    with pytest.raises(RuntimeError, match="no backbone"):
-        bare(*inputs())
+def test_mismatched_or_missing_parts_are_refused():
+    head = NoiseSquareHead.for_backbone(make_unet(1))
+    with pytest.raises(ValueError, match="another backbone: in_channels 3 != 1"):
+        NoiseSquareHeadModel(unet=make_unet(3), head=head)
+    with pytest.raises(ValueError, match="needs its backbone"):
+        NoiseSquareHeadModel(head=head)
+    with pytest.raises(ValueError, match="needs its head"):
+        NoiseSquareHeadModel(unet=make_unet(1))
+    with pytest.raises(TypeError, match="UNet2DModel"):
+        NoiseSquareHeadModel.from_unet(torch.nn.Conv2d(1, 1, 1))
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -94,61 +118,57 @@ def test_mismatched_backbone_and_missing_backbone():
 
 def test_save_with_backbone_round_trip(tmp_path):
     model = perturb_head(NoiseSquareHeadModel.from_unet(make_unet(), covariance_type="npr", resblock=True))
-    model.save_pretrained(tmp_path / "head")
-    config = json.loads((tmp_path / "head" / "config.json").read_text())
-    assert config["_class_name"] == "NoiseSquareHeadModel" and config["backbone_subfolder"] == "unet"
-    assert config["covariance_type"] == "npr" and config["backbone_path"] is None
-    weights = load_file(tmp_path / "head" / "diffusion_pytorch_model.safetensors")
-    assert weights and all(key.startswith("head.") for key in weights)  # the head's weights only
-    assert (tmp_path / "head" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    model.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json",
+                                                                      "diffusion_pytorch_model.safetensors"]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["_class_name"] == "NoiseSquareHeadModel" and config["unet_config"]["_class_name"] == "UNet2DModel"
+    assert config["head_config"]["covariance_type"] == "npr" and config["head_config"]["resblock"] is True
+    weights = load_file(tmp_path / "model" / "diffusion_pytorch_model.safetensors")
+    assert {key.split(".")[0] for key in weights} == {"unet", "head"}  # one file: backbone and head
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
 
-    loaded = NoiseSquareHeadModel.from_pretrained(tmp_path / "head")
+    loaded = NoiseSquareHeadModel.from_pretrained(tmp_path / "model")
     x, t = inputs()
-    torch.testing.assert_close(loaded(x, t).sample, model(x, t).sample, rtol=0, atol=0)
-    assert not any(p.requires_grad for p in loaded.unet.parameters())
-    assert model.config.backbone_subfolder is None  # saving did not change the model's own config
+    assert_same_output(loaded, model, x, t)
+    assert not any(p.requires_grad for p in loaded.unet.parameters()) and not loaded.training
+    double = NoiseSquareHeadModel.from_pretrained(tmp_path / "model", torch_dtype=torch.float64)
+    assert double.dtype == torch.float64 and double(x.double(), t).sample.dtype == torch.float64
+    with pytest.raises(ValueError, match="without `unet=`"):
+        NoiseSquareHeadModel.from_pretrained(tmp_path / "model", unet=make_unet())
 
-    half = NoiseSquareHeadModel.from_pretrained(tmp_path / "head", torch_dtype=torch.float64)
-    assert half.dtype == torch.float64 and half(x.double(), t).sample.dtype == torch.float64
 
-
-def test_share_head_alone_and_attach_backbone(tmp_path):
+def test_head_folder_beside_unet_is_composed_at_load_time(tmp_path):
     unet = make_unet()
     unet.save_pretrained(tmp_path / "pipe" / "unet")
     model = perturb_head(NoiseSquareHeadModel.from_unet(unet))
-    # a sibling of the backbone's folder, as for the bundled model: pipe/sn_head next to pipe/unet
-    model.save_pretrained(tmp_path / "pipe" / "sn_head", save_backbone=False, backbone_subfolder="../unet")
-    assert sorted(p.name for p in (tmp_path / "pipe" / "sn_head").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors"]
+    model.head.save_pretrained(tmp_path / "pipe" / "sn_head")
+    folder = tmp_path / "pipe" / "sn_head"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert (folder / "diffusion_pytorch_model.safetensors").stat().st_size < 4096  # the head's weights only
+    assert json.loads((folder / "config.json").read_text())["_class_name"] == "NoiseSquareHead"
+
     x, t = inputs()
-    expected = model(x, t).sample
-    torch.testing.assert_close(NoiseSquareHeadModel.from_pretrained(tmp_path / "pipe" / "sn_head")(x, t).sample,
-                               expected, rtol=0, atol=0)
-    # the same folder, addressed as a subfolder of the pipeline folder
-    torch.testing.assert_close(
-        NoiseSquareHeadModel.from_pretrained(tmp_path / "pipe", subfolder="sn_head")(x, t).sample, expected)
-    # a backbone given explicitly (e.g. from the Hub), whatever the reference says
-    attached = NoiseSquareHeadModel.from_pretrained(tmp_path / "pipe" / "sn_head",
-                                                    unet=UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet"))
-    torch.testing.assert_close(attached(x, t).sample, expected, rtol=0, atol=0)
-    # an absolute reference (a Hub id or folder)
-    model.save_pretrained(tmp_path / "elsewhere", save_backbone=False, backbone_path=str(tmp_path / "pipe"),
-                          backbone_subfolder="unet")
-    torch.testing.assert_close(NoiseSquareHeadModel.from_pretrained(tmp_path / "elsewhere")(x, t).sample, expected)
-    # a loaded head remembers where its backbone came from
-    reloaded = NoiseSquareHeadModel.from_pretrained(tmp_path / "pipe" / "sn_head")
-    reloaded.save_pretrained(tmp_path / "again", save_backbone=False)
-    torch.testing.assert_close(NoiseSquareHeadModel.from_pretrained(tmp_path / "again")(x, t).sample, expected)
+    backbone = UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet")
+    assert_same_output(load_head_model(tmp_path / "pipe", backbone, subfolder="sn_head"), model, x, t)
+    assert_same_output(load_head_model(folder, backbone), model, x, t)
+    assert_same_output(NoiseSquareHeadModel.from_pretrained(folder, unet=backbone), model, x, t)
+    head = NoiseSquareHead.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), model.head.state_dict().values()))
 
 
-def test_errors_when_the_backbone_cannot_be_found(tmp_path):
+def test_errors_name_the_missing_piece(tmp_path):
     model = NoiseSquareHeadModel.from_unet(make_unet())
-    with pytest.raises(ValueError, match="where the backbone lives"):
-        model.save_pretrained(tmp_path / "head", save_backbone=False)
-    model.save_pretrained(tmp_path / "head", save_backbone=False, backbone_subfolder="../missing")
-    with pytest.raises(OSError, match="unet=UNet2DModel.from_pretrained"):
+    model.head.save_pretrained(tmp_path / "head")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="pass its backbone"):
         NoiseSquareHeadModel.from_pretrained(tmp_path / "head")
+    with pytest.raises(ValueError, match="pass `unet`"):
+        load_head_model(tmp_path / "head", None)
+    with pytest.raises(ValueError, match="not a NoiseSquareHead.*NoiseSquareHeadModel.from_pretrained"):
+        load_head_model(tmp_path / "model", make_unet())
+    with pytest.raises(ValueError, match="another backbone"):
+        load_head_model(tmp_path / "head", make_unet(3))
 
 
 # ------------------------------------------------------------------------------------------------ pipelines
@@ -166,8 +186,106 @@ def test_ddpm_pipeline_samples_and_round_trips(tmp_path):
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["unet"][0].startswith("analytic_schedulers") and index["unet"][1] == "NoiseSquareHeadModel"
     assert index["scheduler"][0].startswith("analytic_schedulers") and index["scheduler"][1] == "SNDPMScheduler"
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["config.json",
+                                                                     "diffusion_pytorch_model.safetensors"]
     reloaded = DDPMPipeline.from_pretrained(tmp_path)
     assert isinstance(reloaded.unet, NoiseSquareHeadModel) and isinstance(reloaded.scheduler, SNDPMScheduler)
     again = reloaded(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
                      output_type="np").images
-    np.testing.assert_allclose(again, image, atol=1e-6)
+    np.testing.assert_array_equal(again, image)
+
+
+# ------------------------------------------------------------------------------------------------ analytic-schedulers 0.1
+
+
+def write_legacy_head(folder, model, backbone_subfolder="unet", backbone_path=None, save_backbone=True):
+    """A head folder exactly as analytic-schedulers 0.1 wrote it: the head's hyperparameters and where its backbone
+    lives in a `NoiseSquareHeadModel` config, the head's weights keyed `head.*` (its ResBlock called `resblock`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    head = model.head.config
+    config = {
+        "_class_name": "NoiseSquareHeadModel", "_diffusers_version": "0.42.1", "backbone_path": backbone_path,
+        "backbone_subfolder": backbone_subfolder, "covariance_type": head.covariance_type,
+        "feature_channels": head.feature_channels, "in_channels": head.in_channels, "norm_eps": head.norm_eps,
+        "norm_num_groups": head.norm_num_groups, "output_activation": head.output_activation,
+        "resblock": head.resblock, "sample_size": model.unet.config.sample_size, "temb_channels": head.temb_channels,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = {"head." + key.replace("resnet.", "resblock.", 1): value.contiguous()
+             for key, value in model.head.state_dict().items()}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    if save_backbone:
+        model.unet.save_pretrained(folder / "unet")
+
+
+@pytest.mark.parametrize("resblock", [False, True])
+def test_folders_of_version_0_1_still_load(tmp_path, resblock):
+    model = perturb_head(NoiseSquareHeadModel.from_unet(make_unet(), covariance_type="npr", resblock=resblock))
+    x, t = inputs()
+    # a self-contained folder (the backbone in unet/), both ways
+    write_legacy_head(tmp_path / "alone", model)
+    assert_same_output(NoiseSquareHeadModel.from_pretrained(tmp_path / "alone"), model, x, t)
+    assert_same_output(load_head_model(tmp_path / "alone", model.unet), model, x, t)
+    # a head beside the backbone's folder (as the bundled heads were), and one referencing a folder by path
+    model.unet.save_pretrained(tmp_path / "pipe" / "unet")
+    write_legacy_head(tmp_path / "pipe" / "npr_head", model, backbone_subfolder="../unet", save_backbone=False)
+    assert_same_output(NoiseSquareHeadModel.from_pretrained(tmp_path / "pipe" / "npr_head"), model, x, t)
+    assert_same_output(load_head_model(tmp_path / "pipe", model.unet, subfolder="npr_head"), model, x, t)
+    write_legacy_head(tmp_path / "far", model, backbone_path=str(tmp_path / "pipe"), save_backbone=False)
+    assert_same_output(load_head_model(tmp_path / "far", None), model, x, t)
+    # a pipeline whose unet/ is such a folder, loaded by diffusers
+    write_legacy_head(tmp_path / "old_pipe" / "unet", model)
+    scheduler = SNDPMScheduler.from_config(DDPMScheduler().config, covariance_type="npr")
+    scheduler.save_pretrained(tmp_path / "old_pipe" / "scheduler")
+    (tmp_path / "old_pipe" / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["analytic_schedulers.scheduling_sn_dpm", "SNDPMScheduler"],
+        "unet": ["analytic_schedulers.noise_square_head", "NoiseSquareHeadModel"]}))
+    old = DDPMPipeline.from_pretrained(tmp_path / "old_pipe")
+    new = DDPMPipeline(unet=model, scheduler=scheduler)
+    images = [p(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+              .images for p in (old, new)]
+    np.testing.assert_array_equal(*images)
+
+
+def test_folder_of_version_0_1_without_its_backbone(tmp_path):
+    model = NoiseSquareHeadModel.from_unet(make_unet())
+    write_legacy_head(tmp_path / "head", model, backbone_subfolder="../missing", save_backbone=False)
+    with pytest.raises(OSError, match="unet=UNet2DModel.from_pretrained"):
+        NoiseSquareHeadModel.from_pretrained(tmp_path / "head")
+    assert_same_output(NoiseSquareHeadModel.from_pretrained(tmp_path / "head", unet=model.unet), model, *inputs())
+
+
+# ------------------------------------------------------------------------------------------------ the bundled heads
+
+# the bundled heads as analytic-schedulers 0.1 shipped them: sha256 over (name, bytes) of their tensors, and the config
+BUNDLED_HEAD_DIGESTS = {
+    "sn": "66b9c068f488ef9386f4d4bad1a81d5f6cc515b16da11c2483e77943cc51c2b6",
+    "npr": "1aedf2b2a157c0afef6d0d36eb85dbb97f3ceed74b67ba4224dc42629dd7e3c3",
+}
+RELEASED_HEAD_CONFIG = {
+    "_class_name": "NoiseSquareHeadModel", "_diffusers_version": "0.42.1", "backbone_path": None,
+    "backbone_subfolder": "../unet", "feature_channels": 32, "in_channels": 1, "norm_eps": 1e-05,
+    "norm_num_groups": 8, "output_activation": "softplus", "resblock": False, "sample_size": 16, "temb_channels": None,
+}
+
+
+@pytest.mark.parametrize("covariance_type", ["sn", "npr"])
+def test_bundled_heads_give_what_the_released_ones_gave(tmp_path, covariance_type):
+    unet = UNet2DModel.from_pretrained(BUNDLED, subfolder="unet")
+    subfolder = f"{covariance_type}_head"
+    weights = load_file(BUNDLED / subfolder / "diffusion_pytorch_model.safetensors")
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(weights[key].contiguous().numpy().tobytes())
+    assert digest.hexdigest() == BUNDLED_HEAD_DIGESTS[covariance_type]  # the released weights, renamed only
+    model = load_head_model(BUNDLED, unet, subfolder=subfolder)
+    assert model.covariance_type == covariance_type
+    # the released folder rebuilt in the old format, read by the old format's loader: the reference [eps, h]
+    write_legacy_head(tmp_path / subfolder, model, backbone_subfolder="../unet", save_backbone=False)
+    released = dict(RELEASED_HEAD_CONFIG, covariance_type=covariance_type)
+    assert json.loads((tmp_path / subfolder / "config.json").read_text()) == released
+    reference = NoiseSquareHeadModel.from_pretrained(tmp_path / subfolder, unet=unet)
+    assert_same_output(model, reference, *inputs(batch=4, size=16))

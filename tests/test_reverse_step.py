@@ -49,6 +49,22 @@ def test_eps_x0_conversions_invert_each_other():
         rs.eps_and_x0_from_model_output(eps, x_t, abar, "score")
 
 
+def test_eps_x0_conversions_take_one_abar_per_sample():
+    abar = torch.tensor([0.9, 0.42, 0.01], dtype=torch.float64).reshape(-1, 1, 1)
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 3, 2, 4, generator=g, dtype=torch.float64)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    for kind, output in [("epsilon", eps), ("sample", x0), ("v_prediction", v)]:
+        e, x = rs.eps_and_x0_from_model_output(output, x_t, abar, kind)
+        torch.testing.assert_close(e, eps)
+        torch.testing.assert_close(x, x0)
+        for i in range(3):  # the same as the float path, sample by sample
+            e_i, x_i = rs.eps_and_x0_from_model_output(output[i], x_t[i], abar[i].item(), kind)
+            torch.testing.assert_close(e[i], e_i, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(x[i], x_i, rtol=1e-12, atol=1e-12)
+
+
 def test_variance_estimates_and_bounds():
     abar = 0.2
     assert rs.analytic_x0_variance(0.75, abar) == pytest.approx(4 * 0.25)
