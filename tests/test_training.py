@@ -139,7 +139,6 @@ def test_losses_are_read_back_per_logged_window(capsys):
     assert f"step 2: loss {sum(losses[:2]) / 2:.5f}" in printed and f"step 4: loss {sum(losses[2:]) / 2:.5f}" in printed
 
 
-@pytest.mark.skip(reason="CLI moves to the new training API in the lead's branch")
 def test_cli_train_head(tmp_path, capsys):
     pytest.importorskip("sklearn")
     DDPMPipeline(unet=make_unet(sample_size=16), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
@@ -149,9 +148,11 @@ def test_cli_train_head(tmp_path, capsys):
     assert main(args) == 0
     assert "head saved to" in capsys.readouterr().out
     config = json.loads((tmp_path / "head" / "config.json").read_text())
-    assert config["backbone_path"] == str(tmp_path / "pipe") and config["backbone_subfolder"] == "unet"
-    model = NoiseSquareHeadModel.from_pretrained(tmp_path / "head")
-    assert model.config.covariance_type == "sn" and model.config.sample_size == 16
+    assert config["_class_name"] == "NoiseSquareHead" and config["covariance_type"] == "sn"  # the head alone
+    args_written = json.loads((tmp_path / "head" / "training_args.json").read_text())
+    assert args_written["model"] == str(tmp_path / "pipe") and args_written["steps"] == 4
+    model = load_head_model(tmp_path / "head", unet=UNet2DModel.from_pretrained(tmp_path / "pipe", subfolder="unet"))
+    assert model.covariance_type == "sn" and model.config.sample_size == 16
     # existing checkpoints need --resume; with it, training continues
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
