@@ -252,13 +252,26 @@ def test_too_many_inference_steps():
         AnalyticDPMScheduler(gamma=[0.5] * 1000).set_timesteps(1001)
 
 
-def test_non_finite_model_output():
+def test_non_finite_model_output_is_reported_at_the_last_step():
+    """The check stays on the device during the loop and is read once, at the last step."""
     scheduler = AnalyticDPMScheduler(gamma=[0.5] * 1000)
     scheduler.set_timesteps(10)
     bad = torch.zeros(1, 1, 4, 4)
     bad[0, 0, 1, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        scheduler.step(bad, scheduler.timesteps[0], torch.zeros(1, 1, 4, 4))
+    x = torch.zeros(1, 1, 4, 4)
+    for i, t in enumerate(scheduler.timesteps[:-1]):
+        scheduler.step(bad if i == 2 else torch.zeros_like(x), t, x)
+    with pytest.raises(ValueError, match=r"timestep 700 \(step 3 of 10\) contains NaN or Inf"):
+        scheduler.step(torch.zeros_like(x), scheduler.timesteps[-1], x)
+    # reported once: the next loop starts clean
+    for t in scheduler.timesteps:
+        scheduler.step(torch.zeros_like(x), t, x)
+
+    unchecked = AnalyticDPMScheduler(gamma=[0.5] * 1000, check_finite=False)
+    unchecked.set_timesteps(10)
+    for t in unchecked.timesteps:
+        out = unchecked.step(bad, t, x)
+    assert torch.isnan(out.prev_sample).any()
 
 
 def test_wrong_channel_count_points_to_sn_scheduler():
