@@ -51,6 +51,8 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
             0.0 Analytic-DDIM; a pipeline's `eta` argument overrides it per call.
         gamma (`List[float]`, *optional*): `Gamma_t` for `t = 0 .. T-1` (a list, numpy array or tensor). Stored in
             `scheduler_config.json`, so it travels with `save_pretrained`, `from_pretrained` and `push_to_hub`.
+            A scheduler made from this config (`DDIMScheduler.from_config(config)`) keeps it too, so that
+            `AnalyticDPMScheduler.from_config(ddim.config)` gets it back; an explicit `gamma=` wins.
         gamma_from_batch (`bool`, defaults to `False`): without a table, estimate `Gamma_t` from the current batch
             as the mean of `eps_hat^2` (the authors' data-free fallback; needs a batch of many samples). It stays a
             tensor on the model's device.

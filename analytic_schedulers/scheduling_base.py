@@ -173,7 +173,7 @@ class ReverseVarianceSchedulerMixin:
         self._index_of = {t: i for i, t in enumerate(self._trajectory)}
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
-        # index of the first step whose model output was not finite (-1: none yet), kept on the model's device
+        # index of the first step whose model output was not finite (K: none yet), kept on the model's device
         self._first_nonfinite_step: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------------------------ public surface
@@ -536,11 +536,11 @@ class ReverseVarianceSchedulerMixin:
 
     def _record_nonfinite(self, model_output: torch.Tensor, index: int) -> None:
         """Notes on the device, without reading it, whether `model_output` holds NaN or Inf (first such step)."""
-        bad = ~torch.isfinite(model_output).all()
+        finite = torch.isfinite(model_output).all()
         first = self._first_nonfinite_step
-        if first is None or first.device != bad.device:
-            first = torch.full((), -1, dtype=torch.long, device=bad.device)
-        self._first_nonfinite_step = torch.where(bad & (first < 0), index, first)
+        if first is None or first.device != finite.device:
+            first = torch.full((), len(self._trajectory), dtype=torch.long, device=finite.device)
+        self._first_nonfinite_step = torch.where(finite, first, first.clamp(max=index))
 
     def _raise_if_nonfinite(self) -> None:
         """At the last step: reads the device flag (the one synchronisation of a sampling loop) and raises."""
@@ -548,7 +548,7 @@ class ReverseVarianceSchedulerMixin:
         if first is None:
             return
         first = int(first.item())
-        if first >= 0:
+        if first < len(self._trajectory):
             raise ValueError(
                 f"The model output at timestep {self._trajectory[first]} (step {first + 1} of "
                 f"{len(self._trajectory)}) contains NaN or Inf, and so do the samples after it. With fp16, try bf16 "
