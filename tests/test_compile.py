@@ -6,41 +6,27 @@ recompile) but skips code generation; inductor took about 90 s on a 2-core CI ma
 """
 
 import torch
-from diffusers import UNet2DModel
 
 from analytic_schedulers import AnalyticDPMScheduler
+from helpers import sample_loop
 
 
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
-def sample(model, scheduler, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((2, 1, 8, 8), generator=generator)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t).sample, t, x, generator=generator).prev_sample
-    return x
-
-
-def test_compiled_unet_compiles_once_across_the_sampling_loop():
+def test_compiled_unet_compiles_once_across_the_sampling_loop(tiny_unet):
+    """`tiny_unet` (conftest): sample_size 8, 1 channel, block_out_channels (8, 16), DownBlock2D / UpBlock2D."""
     from torch._dynamo.utils import counters
 
-    unet = tiny_unet()
+    unet = tiny_unet
     scheduler = AnalyticDPMScheduler(gamma=[0.9] * 1000)
     scheduler.set_timesteps(10)
-    eager = sample(unet, scheduler)
+    with torch.no_grad():
+        eager = sample_loop(scheduler, unet, 2)
 
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(unet, backend="aot_eager")
     scheduler.set_timesteps(10)
-    out = sample(compiled, scheduler)
+    with torch.no_grad():
+        out = sample_loop(scheduler, compiled, 2)
     assert counters["frames"]["total"] == 1 and counters["frames"]["ok"] == 1, dict(counters["frames"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["recompiles"], dict(counters["recompiles"])
