@@ -148,7 +148,7 @@ class ReverseVarianceSchedulerMixin:
         self._abar_list: List[float] = self._abar64.tolist()
         self.alphas_cumprod = self._abar64.to(torch.float32)
         # after tau_1 the step lands on abar = 1 (the clean sample) or on alphas_cumprod[0], as DDIMScheduler
-        self.final_alpha_cumprod = 1.0 if config.set_alpha_to_one else self._abar_list[0]
+        self._final_abar = 1.0 if config.set_alpha_to_one else self._abar_list[0]
         self.one = torch.tensor(1.0)
         # sqrt(abar), sqrt(bbar) for add_noise / get_velocity, per (device, dtype), cast once from float64
         self._forward_tables: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -484,10 +484,10 @@ class ReverseVarianceSchedulerMixin:
         if eta < 0:
             raise ValueError(f"`eta` must be >= 0, got {eta}.")
 
-        # 1. the step t -> s, read from the host trajectory; after tau_1, s = -1 and abar_s = final_alpha_cumprod
+        # 1. the step t -> s, read from the host trajectory; after tau_1, s = -1 and abar_s = 1 or alphas_cumprod[0]
         t, s = self._trajectory[index], self._next_timestep(index)
         abar_t = self._abar_list[t]
-        abar_s = self._abar_list[s] if s >= 0 else self.final_alpha_cumprod
+        abar_s = self._abar_list[s] if s >= 0 else self._final_abar
 
         # 2. model output -> eps_hat, x0_hat (math in float32 or better, whatever the model's dtype)
         compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32

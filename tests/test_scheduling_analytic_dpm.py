@@ -231,7 +231,7 @@ def test_zero_terminal_snr_with_v_prediction_is_finite():
         AnalyticDPMScheduler(rescale_betas_zero_snr=True, clip_variance=False)
 
 
-# ------------------------------------------------------------------------------------------------ diffusers-native steps
+# ----------------------------------------------------------------------------------------------- diffusers-native steps
 
 SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                  set_alpha_to_one=False, timestep_spacing="leading", clip_sample=False)
@@ -357,7 +357,7 @@ def test_switching_to_ddim_and_back_keeps_the_table_without_a_wall_of_log(tmp_pa
     analytic = AnalyticDPMScheduler.from_config(DDIMScheduler(**SD_CONFIG).config, gamma=table, eta=0.0)
     with DiffusersLog() as log:
         ddim = DDIMScheduler.from_config(analytic.config)
-    assert 0 < len(log.text) < 600, log.text  # one line naming our keys, the table as "<Gamma table: 1000 values ...>"
+    assert 0 < len(log.text) < 600, log.text  # one line; the table shows as "<Gamma table: 1000 values ...>"
     assert "<Gamma table: 1000 values" in log.text
     assert ddim.config.set_alpha_to_one is False  # shared keys travel as before
 
