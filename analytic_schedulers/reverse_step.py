@@ -83,6 +83,26 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
+def process_x0(
+    x0: torch.Tensor,
+    clip_sample: bool,
+    clip_sample_range: float,
+    thresholding: bool,
+    ratio: float,
+    max_value: float,
+) -> torch.Tensor:
+    """Bounds `x0_hat` as diffusers' schedulers do: dynamic thresholding when `thresholding` (it takes precedence),
+    else a clip to `[-clip_sample_range, clip_sample_range]` when `clip_sample`, else `x0` unchanged.
+
+    `ratio` and `max_value` are the config's `dynamic_thresholding_ratio` and `sample_max_value`.
+    """
+    if thresholding:
+        return dynamic_threshold(x0, ratio, max_value)
+    if clip_sample:
+        return x0.clamp(-clip_sample_range, clip_sample_range)
+    return x0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Coefficients of one step t -> s (Python floats)
 # ---------------------------------------------------------------------------------------------------------------------

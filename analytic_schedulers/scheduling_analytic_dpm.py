@@ -51,13 +51,24 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
             0.0 Analytic-DDIM; a pipeline's `eta` argument overrides it per call.
         gamma (`List[float]`, *optional*): `Gamma_t` for `t = 0 .. T-1` (a list, numpy array or tensor). Stored in
             `scheduler_config.json`, so it travels with `save_pretrained`, `from_pretrained` and `push_to_hub`.
+            A scheduler made from this config (`DDIMScheduler.from_config(config)`) keeps it too, so that
+            `AnalyticDPMScheduler.from_config(ddim.config)` gets it back; an explicit `gamma=` wins.
         gamma_from_batch (`bool`, defaults to `False`): without a table, estimate `Gamma_t` from the current batch
-            as the mean of `eps_hat^2` (the authors' data-free fallback; needs a batch of many samples).
+            as the mean of `eps_hat^2` (the authors' data-free fallback; needs a batch of many samples). It stays a
+            tensor on the model's device.
         clip_variance (`bool`, defaults to `True`): clip `v` to `[0, max_x0_variance]` (Theorem 2).
         max_x0_variance (`float`, defaults to 1.0): the upper bound `((b - a) / 2)^2` of `v` for data in `[a, b]`.
         last_step_sigma_clip (`float`, *optional*): `y` of the clip `sigma <= y * 2/255 * sqrt(pi/2)` on the step
             that lands on the last timestep (the papers use 2 for CIFAR10 and CelebA, 1 elsewhere, for FID).
             `None` switches it off.
+        set_alpha_to_one (`bool`, defaults to `True`): as in `DDIMScheduler`: after `tau_1` the step lands on the
+            clean sample (`abar = 1`) and returns `x0_hat`; with `False` (every Stable Diffusion DDIM config) it
+            lands on `abar = alphas_cumprod[0]`, for every `eta`. `DDPMScheduler` has no such key and always ends at
+            1.
+        check_finite (`bool`, defaults to `True`): raise a clear error when the model output holds NaN or Inf. The
+            check is kept on the device and read once, at the last step (one synchronisation per sampling loop,
+            where a pipeline waits for the result anyway); `False` skips it and the sampling loop never reads the
+            accelerator.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -86,6 +97,8 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
         clip_variance: bool = True,
         max_x0_variance: float = 1.0,
         last_step_sigma_clip: Optional[float] = None,
+        set_alpha_to_one: bool = True,
+        check_finite: bool = True,
     ):
         self._init_schedule(gamma)
 
@@ -102,10 +115,12 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
         return model_output, None
 
     def _x0_variance(self, t: int, abar_t: float, eps_hat: torch.Tensor, extra):
-        if self.gamma_table is not None:
-            gamma_t = self.gamma_table[t].item()
+        if self._gamma_list is not None:
+            gamma_t = self._gamma_list[t]
         elif self.config.gamma_from_batch:
-            gamma_t = eps_hat.double().square().mean().item()
+            # a 0-dim tensor on the model's device, never read back (float64 except on MPS, which has none)
+            dtype = torch.float32 if eps_hat.device.type == "mps" else torch.float64
+            gamma_t = eps_hat.to(dtype).square().mean()
         else:
             raise ValueError(
                 "AnalyticDPMScheduler has no Gamma table: the analytic variance needs "

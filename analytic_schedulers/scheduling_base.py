@@ -2,12 +2,16 @@
 
 The subclasses differ only in how they read the model output and in the estimate `v` of the posterior variance of
 `x_0` (see `reverse_step.py`); everything else lives here once.
+
+A step never reads a tensor back from the accelerator: its position on the trajectory comes from the host (a Python
+int, or which entry of `self.timesteps` was passed), its coefficients are Python floats of the host trajectory, and the
+check for a non-finite model output is kept on the device until the last step (`check_finite`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,7 +40,7 @@ class ReverseStepOutput(BaseOutput):
             The predicted denoised sample `x0_hat` (clipped when `clip_sample`).
         variance (`torch.Tensor`):
             The variance `sigma^2` of the step's Gaussian, a 0-dim tensor for Analytic-DPM or one value per dimension
-            for SN/NPR-DPM; zero for the last step, which returns the mean.
+            for SN/NPR-DPM; zero for the last step when `set_alpha_to_one` (it returns the mean `x0_hat`).
     """
 
     prev_sample: torch.Tensor
@@ -50,10 +54,11 @@ class ReverseStepDistribution:
 
     Args:
         mean: `mu`, shaped like the sample.
-        variance: `sigma^2`, a 0-dim tensor or one value per dimension; zero after the last timestep.
+        variance: `sigma^2`, a 0-dim tensor or one value per dimension; zero after the last timestep when
+            `set_alpha_to_one` (the step then returns the clean sample `x0_hat`).
         pred_original_sample: `x0_hat` (clipped when `clip_sample`).
         pred_epsilon: `eps_hat` as used by the mean.
-        prev_timestep: `s`, or -1 when the step returns the clean sample.
+        prev_timestep: `s`, or -1 after the last timestep `tau_1`.
     """
 
     mean: torch.Tensor
@@ -95,6 +100,21 @@ def validate_gamma(gamma, num_train_timesteps: int) -> Optional[torch.Tensor]:
     return table
 
 
+class GammaTable(list):
+    """The Gamma table as the config holds it: a plain list of floats (JSON writes it as a list) with a one-line `repr`.
+
+    diffusers keeps config keys that another scheduler does not take and names them in a warning:
+    `DDIMScheduler.from_config(analytic.config)` lists `gamma` there, and with a plain list the warning is the whole
+    table (about 13,000 characters). With this `repr` the warning is one short line, the table stays in the DDIM
+    scheduler's config and comes back with `AnalyticDPMScheduler.from_config(ddim.config)`.
+    """
+
+    def __repr__(self) -> str:
+        if not self:
+            return "<Gamma table: empty>"
+        return f"<Gamma table: {len(self)} values in [{min(self):.4g}, {max(self):.4g}]>"
+
+
 class ReverseVarianceSchedulerMixin:
     """Shared machinery; a subclass sets `_x0_variance` and `_split_model_output` and registers its config."""
 
@@ -106,10 +126,11 @@ class ReverseVarianceSchedulerMixin:
     def _init_schedule(self, gamma) -> None:
         """Validates the config and derives the schedule; `gamma` is the table as passed to `__init__`."""
         self.gamma_table = validate_gamma(gamma, self.config.num_train_timesteps)
+        self._gamma_list: Optional[List[float]] = None if self.gamma_table is None else self.gamma_table.tolist()
         # the config keeps JSON-able lists only
         trained_betas = self.config.trained_betas
         self.register_to_config(
-            gamma=None if self.gamma_table is None else self.gamma_table.tolist(),
+            gamma=None if self._gamma_list is None else GammaTable(self._gamma_list),
             trained_betas=None if trained_betas is None else np.asarray(trained_betas, dtype=np.float64).tolist(),
         )
         config = self.config
@@ -126,7 +147,11 @@ class ReverseVarianceSchedulerMixin:
         self._abar64 = alphas_cumprod_from_betas(self.betas)
         self._abar_list: List[float] = self._abar64.tolist()
         self.alphas_cumprod = self._abar64.to(torch.float32)
+        # after tau_1 the step lands on abar = 1 (the clean sample) or on alphas_cumprod[0], as DDIMScheduler
+        self._final_abar = 1.0 if config.set_alpha_to_one else self._abar_list[0]
         self.one = torch.tensor(1.0)
+        # sqrt(abar), sqrt(bbar) for add_noise / get_velocity, per (device, dtype), cast once from float64
+        self._forward_tables: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
         if config.eta < 0:
             raise ValueError(f"`eta` must be >= 0 (1 = DDPM, 0 = DDIM), got {config.eta}.")
         if config.max_x0_variance <= 0:
@@ -146,6 +171,10 @@ class ReverseVarianceSchedulerMixin:
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
         self._trajectory: List[int] = timesteps.tolist()
         self._index_of = {t: i for i, t in enumerate(self._trajectory)}
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+        # index of the first step whose model output was not finite (K: none yet), kept on the model's device
+        self._first_nonfinite_step: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------------------------ public surface
 
@@ -163,13 +192,13 @@ class ReverseVarianceSchedulerMixin:
         timesteps: Optional[Sequence[int]] = None,
     ) -> None:
         """
-        Sets the trajectory `tau_K > ... > tau_1` (run before inference).
+        Sets the trajectory `tau_K > ... > tau_1` (run before inference) and resets `step_index` and `begin_index`.
 
         Args:
             num_inference_steps (`int`, *optional*):
                 K, the number of model evaluations. The trajectory follows `timestep_spacing`.
             device (`str` or `torch.device`, *optional*):
-                The device to move `self.timesteps` to.
+                The device to move `self.timesteps` to (the model's, so that no step reads the accelerator).
             timesteps (`List[int]`, *optional*):
                 A custom descending trajectory, instead of `num_inference_steps`.
         """
@@ -206,8 +235,59 @@ class ReverseVarianceSchedulerMixin:
             cache[key] = optimal_trajectory(gamma, self._abar64, key[0], max_x0_variance)[0]
         return cache[key].copy()
 
-    def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
-        """The next lower timestep of the trajectory, or -1 after `tau_1` (the clean sample)."""
+    # ------------------------------------------------------------------------------------------------ position
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """The index in `self.timesteps` of the next step: one past the last step taken, `None` before the first."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        """The index of the first timestep, set by img2img pipelines through `set_begin_index`; `None` otherwise."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """
+        Sets the index of the first timestep. diffusers' img2img pipelines call it as
+        `set_begin_index(t_start * scheduler.order)` before starting from `timesteps[t_start]`.
+
+        Args:
+            begin_index (`int`, defaults to 0):
+                The index in `self.timesteps` of the first step.
+        """
+        if not 0 <= int(begin_index) < len(self._trajectory):
+            raise ValueError(
+                f"`begin_index` must be in [0, {len(self._trajectory) - 1}] for the current {len(self._trajectory)} "
+                f"timesteps, got {begin_index}. Call `set_timesteps` first."
+            )
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
+        """
+        The index of `timestep` in `self.timesteps`.
+
+        Reads nothing from the accelerator for a Python int, a CPU tensor, or an entry of `self.timesteps` (what
+        pipelines pass: `for t in scheduler.timesteps`); any other accelerator tensor is read back, one
+        synchronisation.
+
+        Args:
+            timestep (`int` or `torch.Tensor`):
+                A timestep of the current trajectory.
+
+        Returns:
+            `int`: its index, 0 for `tau_K`.
+        """
+        if isinstance(timestep, torch.Tensor):
+            index = self._entry_index(timestep)
+            if index is not None:
+                return index
+            if timestep.numel() != 1:
+                raise ValueError(
+                    f"Pass one timestep per step, got a tensor of shape {tuple(timestep.shape)}: step with `t` from "
+                    "`for t in scheduler.timesteps`."
+                )
+            timestep = timestep.item()
         t = int(timestep)
         index = self._index_of.get(t)
         if index is None:
@@ -215,12 +295,72 @@ class ReverseVarianceSchedulerMixin:
                 f"Timestep {t} is not on the current trajectory ({self._trajectory[:3]}...{self._trajectory[-2:]}). "
                 "Call `set_timesteps` and step through `scheduler.timesteps`."
             )
+        return index
+
+    def _entry_index(self, timestep: torch.Tensor) -> Optional[int]:
+        """The index of `timestep` when it is a view of one entry of `self.timesteps`, from its storage offset (host
+        metadata, no data read); `None` for any other tensor."""
+        timesteps = self.timesteps
+        if timestep.numel() != 1 or timestep.dtype != timesteps.dtype or timestep.device != timesteps.device:
+            return None
+        if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+            return None
+        index, remainder = divmod(timestep.storage_offset() - timesteps.storage_offset(), timesteps.stride(0))
+        return index if remainder == 0 and 0 <= index < len(self._trajectory) else None
+
+    def _init_step_index(self, timestep: Union[int, torch.Tensor]) -> None:
+        """Starts tracking the position: at `begin_index` when a pipeline set one, else at `timestep`'s index."""
+        self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+
+    def _index_for_step(self, timestep: Union[int, torch.Tensor]) -> int:
+        """The index of the step at `timestep`: the tracked position when `timestep` is the entry there (what every
+        pipeline loop passes), else found from `timestep` itself (stepping out of order, or starting part-way without
+        `set_begin_index`)."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+            if self._begin_index is None:  # found from `timestep` itself
+                return self._step_index
+        index = self._step_index
+        if index < len(self._trajectory) and self._is_entry(timestep, index):
+            return index
+        return self.index_for_timestep(timestep)
+
+    def _is_entry(self, timestep: Union[int, torch.Tensor], index: int) -> bool:
+        """Whether `timestep` is `self.timesteps[index]`, decided on the host (`False` when that needs a read)."""
+        if isinstance(timestep, torch.Tensor):
+            return self._entry_index(timestep) == index
+        return int(timestep) == self._trajectory[index]
+
+    def previous_timestep(self, timestep: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+        """
+        The next lower timestep of the trajectory, or -1 after `tau_1` (the clean sample), as
+        `DDPMScheduler.previous_timestep`.
+
+        Args:
+            timestep (`int` or `torch.Tensor`):
+                A timestep of the current trajectory.
+
+        Returns:
+            `int` for an int; for a tensor, a 0-dim tensor of `self.timesteps`' dtype and device (the entry
+            `self.timesteps[i + 1]`, or -1). `DDPMScheduler` returns the -1 on the CPU, and a tensor for ints too.
+        """
+        index = self.index_for_timestep(timestep)
+        if not isinstance(timestep, torch.Tensor):
+            return self._next_timestep(index)
+        if index + 1 < len(self._trajectory):
+            return self.timesteps[index + 1]
+        return torch.full((), -1, dtype=self.timesteps.dtype, device=self.timesteps.device)
+
+    def _next_timestep(self, index: int) -> int:
         return self._trajectory[index + 1] if index + 1 < len(self._trajectory) else -1
+
+    # ------------------------------------------------------------------------------------------------ forward process
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
     ) -> torch.Tensor:
-        """The forward process `x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps` (as `DDPMScheduler.add_noise`)."""
+        """The forward process `x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps` (as `DDPMScheduler.add_noise`); the
+        timesteps index a copy of the tables on the samples' device, so nothing is read back."""
         sqrt_abar, sqrt_bbar = self._forward_coefficients(original_samples, timesteps)
         return sqrt_abar * original_samples + sqrt_bbar * noise
 
@@ -230,11 +370,15 @@ class ReverseVarianceSchedulerMixin:
         return sqrt_abar * noise - sqrt_bbar * sample
 
     def _forward_coefficients(self, like: torch.Tensor, timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
-        timesteps = torch.as_tensor(timesteps, device="cpu").long().flatten()
-        abar = self._abar64[timesteps]
+        key = (like.device, like.dtype)
+        if key not in self._forward_tables:
+            sqrt_abar, sqrt_bbar = self._abar64.sqrt(), (1.0 - self._abar64).sqrt()
+            self._forward_tables[key] = (sqrt_abar.to(like.dtype).to(like.device),
+                                         sqrt_bbar.to(like.dtype).to(like.device))
+        sqrt_abar, sqrt_bbar = self._forward_tables[key]
+        timesteps = torch.as_tensor(timesteps).to(device=like.device, dtype=torch.long).flatten()
         shape = (-1,) + (1,) * (like.ndim - 1)
-        as_like = dict(device=like.device, dtype=like.dtype)
-        return abar.sqrt().reshape(shape).to(**as_like), (1.0 - abar).sqrt().reshape(shape).to(**as_like)
+        return sqrt_abar[timesteps].reshape(shape), sqrt_bbar[timesteps].reshape(shape)
 
     # ------------------------------------------------------------------------------------------------ the step
 
@@ -251,6 +395,9 @@ class ReverseVarianceSchedulerMixin:
     ) -> Union[ReverseStepOutput, Tuple]:
         """
         One reverse step `x_t -> x_s` with the estimated optimal variance, `s` the next timestep of the trajectory.
+
+        Reads nothing back from the accelerator when `timestep` is an entry of `self.timesteps` or a Python int
+        (see `index_for_timestep`); with `check_finite`, the last step reads one flag.
 
         Args:
             model_output (`torch.Tensor`):
@@ -277,9 +424,10 @@ class ReverseVarianceSchedulerMixin:
         """
         if variance_noise is not None and generator is not None:
             raise ValueError("Pass either `generator` or `variance_noise`, not both.")
-        step = self.step_distribution(model_output, timestep, sample, eta, use_clipped_model_output)
+        index = self._index_for_step(timestep)
+        step = self._distribution_at(index, model_output, sample, eta, use_clipped_model_output, True)
         mean, variance = step.mean, step.variance
-        if step.prev_timestep < 0:  # the last step returns the mean x0_hat with no noise
+        if self._returns_clean_sample(index):  # the last step returns the mean x0_hat with no noise
             prev_sample = mean
         else:
             if variance_noise is None:
@@ -291,6 +439,7 @@ class ReverseVarianceSchedulerMixin:
                     f"`variance_noise` has shape {tuple(variance_noise.shape)}, expected {tuple(sample.shape)}."
                 )
             prev_sample = mean + variance.sqrt() * variance_noise.to(mean.dtype)
+        self._step_index = index + 1
         prev_sample, x0_hat = prev_sample.to(sample.dtype), step.pred_original_sample.to(sample.dtype)
         if not return_dict:
             return prev_sample, x0_hat, variance
@@ -309,42 +458,56 @@ class ReverseVarianceSchedulerMixin:
         The Gaussian `p(x_s | x_t) = N(mean, variance)` of one reverse step, without drawing from it.
 
         Arguments as in `step`; `apply_last_step_sigma_clip=False` ignores `last_step_sigma_clip` (likelihoods never
-        use it). After the last timestep (`prev_timestep == -1`) the mean is `x0_hat` and the variance zero.
-        Tensors are in float32 (float64 for float64 samples).
+        use it). After the last timestep (`prev_timestep == -1`) the mean is `x0_hat` and the variance zero, unless
+        `set_alpha_to_one=False` (then the step lands on `alphas_cumprod[0]`). Tensors are in float32 (float64 for
+        float64 samples). Does not advance `step_index`.
         """
+        index = self.index_for_timestep(timestep)
+        return self._distribution_at(index, model_output, sample, eta, use_clipped_model_output,
+                                     apply_last_step_sigma_clip)
+
+    def _returns_clean_sample(self, index: int) -> bool:
+        """Whether the step at `index` is the last one and returns `x0_hat` itself (`set_alpha_to_one`)."""
+        return index + 1 == len(self._trajectory) and self.config.set_alpha_to_one
+
+    def _distribution_at(
+        self,
+        index: int,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        eta: Optional[float],
+        use_clipped_model_output: Optional[bool],
+        apply_last_step_sigma_clip: bool,
+    ) -> "ReverseStepDistribution":
         config = self.config
         eta = config.eta if eta is None else float(eta)
         if eta < 0:
             raise ValueError(f"`eta` must be >= 0, got {eta}.")
 
-        # 1. the step t -> s; s = -1 after tau_1, where abar = 1 (the clean sample)
-        t = int(timestep)
-        s = self.previous_timestep(t)
+        # 1. the step t -> s, read from the host trajectory; after tau_1, s = -1 and abar_s = 1 or alphas_cumprod[0]
+        t, s = self._trajectory[index], self._next_timestep(index)
         abar_t = self._abar_list[t]
-        abar_s = self._abar_list[s] if s >= 0 else 1.0
+        abar_s = self._abar_list[s] if s >= 0 else self._final_abar
 
         # 2. model output -> eps_hat, x0_hat (math in float32 or better, whatever the model's dtype)
         compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x_t = sample.to(compute_dtype)
         output, extra = self._split_model_output(model_output, sample)
-        if not torch.isfinite(model_output).all():
-            raise ValueError(
-                f"The model output at timestep {t} contains NaN or Inf. With fp16, try bf16 or float32 for the "
-                "model; otherwise check the model's inputs."
-            )
+        if config.check_finite:
+            self._record_nonfinite(model_output, index)
         eps_hat, x0_hat = rs.eps_and_x0_from_model_output(output.to(compute_dtype), x_t, abar_t,
                                                           config.prediction_type)
         if extra is not None:
             extra = extra.to(compute_dtype)
 
         # 3. clip or threshold x0_hat
-        if config.thresholding:
-            x0_hat = rs.dynamic_threshold(x0_hat, config.dynamic_thresholding_ratio, config.sample_max_value)
-        elif config.clip_sample:
-            x0_hat = x0_hat.clamp(-config.clip_sample_range, config.clip_sample_range)
+        x0_hat = rs.process_x0(x0_hat, config.clip_sample, config.clip_sample_range, config.thresholding,
+                               config.dynamic_thresholding_ratio, config.sample_max_value)
 
+        if s < 0 and config.check_finite:
+            self._raise_if_nonfinite()
         zero = torch.zeros((), dtype=compute_dtype, device=sample.device)
-        if s < 0:
+        if self._returns_clean_sample(index):
             return ReverseStepDistribution(x0_hat, zero, x0_hat, eps_hat, s)
 
         # 4. variance sigma^2 = lambda^2 + gamma_ts^2 * v, v bounded by Theorem 2
@@ -358,8 +521,7 @@ class ReverseVarianceSchedulerMixin:
         if clip_y is not None and s == self._trajectory[-1]:
             cap = rs.last_step_variance_cap(clip_y)
             variance = variance.clamp(max=cap) if isinstance(variance, torch.Tensor) else min(variance, cap)
-        if not isinstance(variance, torch.Tensor):
-            variance = zero + variance
+        variance = variance.to(compute_dtype) if isinstance(variance, torch.Tensor) else zero + variance
 
         # 5. mean: DDPM's posterior mean for eta = 1, the DDIM form (raw eps_hat) otherwise
         if eta == 1.0:
@@ -369,6 +531,30 @@ class ReverseVarianceSchedulerMixin:
                 eps_hat = rs.eps_from_x0(x0_hat, x_t, abar_t)
             mean = rs.ddim_mean(x0_hat, eps_hat, abar_s, lambda_sq)
         return ReverseStepDistribution(mean, variance, x0_hat, eps_hat, s)
+
+    # ------------------------------------------------------------------------------------------------ finite check
+
+    def _record_nonfinite(self, model_output: torch.Tensor, index: int) -> None:
+        """Notes on the device, without reading it, whether `model_output` holds NaN or Inf (first such step)."""
+        finite = torch.isfinite(model_output).all()
+        first = self._first_nonfinite_step
+        if first is None or first.device != finite.device:
+            first = torch.full((), len(self._trajectory), dtype=torch.long, device=finite.device)
+        self._first_nonfinite_step = torch.where(finite, first, first.clamp(max=index))
+
+    def _raise_if_nonfinite(self) -> None:
+        """At the last step: reads the device flag (the one synchronisation of a sampling loop) and raises."""
+        first, self._first_nonfinite_step = self._first_nonfinite_step, None
+        if first is None:
+            return
+        first = int(first.item())
+        if first < len(self._trajectory):
+            raise ValueError(
+                f"The model output at timestep {self._trajectory[first]} (step {first + 1} of "
+                f"{len(self._trajectory)}) contains NaN or Inf, and so do the samples after it. With fp16, try bf16 "
+                "or float32 for the model; otherwise check the model's inputs. (Checked once per sampling loop, at "
+                "its last step; `check_finite=False` switches the check off.)"
+            )
 
     # ------------------------------------------------------------------------------------------------ subclass hooks
 

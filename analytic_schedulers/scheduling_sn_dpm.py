@@ -76,6 +76,14 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
         max_x0_variance (`float`, defaults to 1.0): the upper bound `((b - a) / 2)^2` of `v` for data in `[a, b]`.
         last_step_sigma_clip (`float`, *optional*): `y` of the clip `sigma <= y * 2/255 * sqrt(pi/2)` on the step
             that lands on the last timestep (for FID; never used for likelihoods). `None` switches it off.
+        set_alpha_to_one (`bool`, defaults to `True`): as in `DDIMScheduler`: after `tau_1` the step lands on the
+            clean sample (`abar = 1`) and returns `x0_hat`; with `False` (every Stable Diffusion DDIM config) it
+            lands on `abar = alphas_cumprod[0]`, for every `eta`. `DDPMScheduler` has no such key and always ends at
+            1.
+        check_finite (`bool`, defaults to `True`): raise a clear error when the model output holds NaN or Inf. The
+            check is kept on the device and read once, at the last step (one synchronisation per sampling loop,
+            where a pipeline waits for the result anyway); `False` skips it and the sampling loop never reads the
+            accelerator.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -104,6 +112,8 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
         clip_variance: bool = True,
         max_x0_variance: float = 1.0,
         last_step_sigma_clip: Optional[float] = None,
+        set_alpha_to_one: bool = True,
+        check_finite: bool = True,
     ):
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(

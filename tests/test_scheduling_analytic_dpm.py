@@ -1,6 +1,8 @@
 """AnalyticDPMScheduler: exactness on Gaussian data, reductions to diffusers' schedulers, the diffusers contract."""
 
+import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -229,6 +231,157 @@ def test_zero_terminal_snr_with_v_prediction_is_finite():
         AnalyticDPMScheduler(rescale_betas_zero_snr=True, clip_variance=False)
 
 
+# ----------------------------------------------------------------------------------------------- diffusers-native steps
+
+SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                 set_alpha_to_one=False, timestep_spacing="leading", clip_sample=False)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_stable_diffusion_ddim_config_matches_ddim_at_every_step_including_the_last(prediction_type, eta):
+    """`set_alpha_to_one=False`: after tau_1 the step lands on alphas_cumprod[0], as DDIMScheduler's."""
+    ddim = DDIMScheduler(prediction_type=prediction_type, **SD_CONFIG)
+    ours = AnalyticDPMScheduler.from_config(ddim.config, gamma=[1.0] * 1000)  # Gamma = 1: zero x0 variance
+    assert ours.config.set_alpha_to_one is False
+    for scheduler in (ddim, ours):
+        scheduler.set_timesteps(10)
+    assert ours.timesteps[-1] == 1
+    for t in ours.timesteps:
+        model_output, sample = random_model_output(int(t), (2, 4, 8, 8))
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(int(t) + 1))
+        a = ddim.step(model_output, t, sample, eta=eta, variance_noise=noise)
+        b = ours.step(model_output, t, sample, eta=eta, variance_noise=noise)
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.pred_original_sample, a.pred_original_sample, rtol=1e-5, atol=1e-5)
+    # the last step did not return x0_hat: it stayed at abar_0 < 1
+    assert not torch.allclose(b.prev_sample, b.pred_original_sample)
+
+
+def test_set_alpha_to_one_default_ends_on_the_clean_sample():
+    ours = AnalyticDPMScheduler.from_config(DDPMScheduler().config, gamma=[0.5] * 1000)  # DDPM has no such key
+    assert ours.config.set_alpha_to_one is True
+    ours.set_timesteps(10)
+    model_output, sample = random_model_output(0)
+    last = ours.step(model_output, ours.timesteps[-1], sample)
+    torch.testing.assert_close(last.prev_sample, last.pred_original_sample)
+    assert last.variance.item() == 0.0
+
+
+@pytest.mark.parametrize("timesteps", [None, [999, 500, 20, 0]])
+def test_previous_timestep_returns_what_ddpm_returns(timesteps):
+    ddpm = DDPMScheduler()
+    ours = AnalyticDPMScheduler.from_config(ddpm.config, gamma=[0.5] * 1000)
+    for t in (torch.tensor(5), torch.tensor(0)):  # before set_timesteps: t - 1
+        assert torch.equal(ours.previous_timestep(t), ddpm.previous_timestep(t))
+    for scheduler in (ddpm, ours):
+        scheduler.set_timesteps(**({"num_inference_steps": 10} if timesteps is None else {"timesteps": timesteps}))
+    for t in ours.timesteps:
+        theirs, mine = ddpm.previous_timestep(t), ours.previous_timestep(t)
+        assert isinstance(mine, torch.Tensor) and mine.dtype == theirs.dtype and mine.device == theirs.device
+        assert mine.shape == theirs.shape and torch.equal(mine, theirs)
+        assert ours.previous_timestep(int(t)) == int(theirs) and isinstance(ours.previous_timestep(int(t)), int)
+    assert ours.previous_timestep(ours.timesteps[-1]).item() == -1
+
+
+def noisy_trajectory(scheduler, x, timesteps, noises):
+    """Steps `x` through `timesteps` with fixed noise; returns every intermediate sample."""
+    samples = [x]
+    for t in timesteps:
+        model_output = 0.3 * x + 0.001 * float(t)
+        x = scheduler.step(model_output, t, x, variance_noise=noises[int(t)]).prev_sample
+        samples.append(x)
+    return samples
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_img2img_begin_index_equals_the_full_trajectory_from_there(eta):
+    scheduler = AnalyticDPMScheduler(gamma=torch.linspace(0.2, 0.95, 1000), eta=eta, clip_sample=False)
+    scheduler.set_timesteps(10)
+    noises = {int(t): torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(int(t)))
+              for t in scheduler.timesteps}
+    full = noisy_trajectory(scheduler, torch.randn(2, 1, 4, 4), scheduler.timesteps, noises)
+    assert scheduler.step_index == 10
+    for start in (3, 9):
+        # as StableDiffusionImg2ImgPipeline: set_timesteps, set_begin_index(t_start * order), loop timesteps[t_start:]
+        scheduler.set_timesteps(10)
+        scheduler.set_begin_index(start * scheduler.order)
+        assert scheduler.begin_index == start and scheduler.step_index is None
+        part = noisy_trajectory(scheduler, full[start], scheduler.timesteps[start:], noises)
+        assert scheduler.step_index == 10
+        torch.testing.assert_close(part[-1], full[-1], rtol=0, atol=0)
+        # without set_begin_index (a hand-written loop): the same
+        scheduler.set_timesteps(10)
+        torch.testing.assert_close(noisy_trajectory(scheduler, full[start], scheduler.timesteps[start:], noises)[-1],
+                                   full[-1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="begin_index"):
+        scheduler.set_begin_index(10)
+
+
+def test_stepping_out_of_order_or_with_copies_of_the_timesteps_is_still_correct():
+    scheduler = AnalyticDPMScheduler(gamma=torch.linspace(0.2, 0.95, 1000), clip_sample=False)
+    reference = AnalyticDPMScheduler.from_config(scheduler.config)
+    for s in (scheduler, reference):
+        s.set_timesteps(10)
+    model_output, sample = random_model_output(0, (2, 1, 4, 4))
+    noise = torch.randn_like(sample)
+    order = [4, 0, 9, 5, 5, 1, 8]
+    scheduler.set_begin_index(2)  # a begin index the loop does not follow
+    for i in order:
+        expected = reference.step(model_output, int(reference.timesteps[i]), sample, variance_noise=noise)
+        for t in (scheduler.timesteps[i], scheduler.timesteps[i].clone(), int(scheduler.timesteps[i])):
+            out = scheduler.step(model_output, t, sample, variance_noise=noise)
+            torch.testing.assert_close(out.prev_sample, expected.prev_sample, rtol=0, atol=0)
+            assert scheduler.step_index == i + 1
+
+
+class DiffusersLog:
+    """Captures what diffusers logs (its loggers do not propagate to the root logger)."""
+
+    def __enter__(self):
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        logging.getLogger("diffusers").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("diffusers").removeHandler(self.handler)
+
+    @property
+    def text(self):
+        return self.stream.getvalue()
+
+
+def test_switching_to_ddim_and_back_keeps_the_table_without_a_wall_of_log(tmp_path):
+    table = torch.rand(1000, generator=torch.Generator().manual_seed(0)).double()
+    analytic = AnalyticDPMScheduler.from_config(DDIMScheduler(**SD_CONFIG).config, gamma=table, eta=0.0)
+    with DiffusersLog() as log:
+        ddim = DDIMScheduler.from_config(analytic.config)
+    assert 0 < len(log.text) < 600, log.text  # one line; the table shows as "<Gamma table: 1000 values ...>"
+    assert "<Gamma table: 1000 values" in log.text
+    assert ddim.config.set_alpha_to_one is False  # shared keys travel as before
+
+    with DiffusersLog() as log:
+        back = AnalyticDPMScheduler.from_config(ddim.config)
+    assert len(log.text) < 600
+    torch.testing.assert_close(back.gamma_table, table)
+    assert back.config.eta == 0.0 and back.config.set_alpha_to_one is False
+
+    # through a saved DDIM config too: diffusers keeps the keys DDIM does not take
+    ddim.save_pretrained(tmp_path)
+    assert len(json.loads((tmp_path / "scheduler_config.json").read_text())["gamma"]) == 1000
+    torch.testing.assert_close(AnalyticDPMScheduler.from_pretrained(tmp_path).gamma_table, table)
+    back.save_pretrained(tmp_path / "analytic")
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path / "analytic")
+    with DiffusersLog() as log:  # every key of ours is in a config read from disk: still one short line
+        DDIMScheduler.from_config(loaded.config)
+    assert "check_finite" in log.text and len(log.text) < 600, log.text
+    # a table given explicitly wins over the one the config carries
+    other = AnalyticDPMScheduler.from_config(ddim.config, gamma=[0.5] * 1000)
+    assert other.gamma_table.unique().tolist() == [0.5]
+    assert AnalyticDPMScheduler.from_config(ddim.config, gamma=None, gamma_from_batch=True).gamma_table is None
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 
@@ -252,13 +405,26 @@ def test_too_many_inference_steps():
         AnalyticDPMScheduler(gamma=[0.5] * 1000).set_timesteps(1001)
 
 
-def test_non_finite_model_output():
+def test_non_finite_model_output_is_reported_at_the_last_step():
+    """The check stays on the device during the loop and is read once, at the last step."""
     scheduler = AnalyticDPMScheduler(gamma=[0.5] * 1000)
     scheduler.set_timesteps(10)
     bad = torch.zeros(1, 1, 4, 4)
     bad[0, 0, 1, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        scheduler.step(bad, scheduler.timesteps[0], torch.zeros(1, 1, 4, 4))
+    x = torch.zeros(1, 1, 4, 4)
+    for i, t in enumerate(scheduler.timesteps[:-1]):
+        scheduler.step(bad if i == 2 else torch.zeros_like(x), t, x)
+    with pytest.raises(ValueError, match=r"timestep 700 \(step 3 of 10\) contains NaN or Inf"):
+        scheduler.step(torch.zeros_like(x), scheduler.timesteps[-1], x)
+    # reported once: the next loop starts clean
+    for t in scheduler.timesteps:
+        scheduler.step(torch.zeros_like(x), t, x)
+
+    unchecked = AnalyticDPMScheduler(gamma=[0.5] * 1000, check_finite=False)
+    unchecked.set_timesteps(10)
+    for t in unchecked.timesteps:
+        out = unchecked.step(bad, t, x)
+    assert torch.isnan(out.prev_sample).any()
 
 
 def test_wrong_channel_count_points_to_sn_scheduler():

@@ -118,6 +118,25 @@ def test_reduces_to_ddim_when_v_is_zero(covariance_type, eta):
         torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("covariance_type", ["sn", "npr"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_stable_diffusion_ddim_config_matches_ddim_at_every_step_including_the_last(covariance_type, prediction_type):
+    """`set_alpha_to_one=False` (every Stable Diffusion DDIM config): the last step lands on alphas_cumprod[0]."""
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                         set_alpha_to_one=False, timestep_spacing="leading", clip_sample=False,
+                         prediction_type=prediction_type)
+    ours = SNDPMScheduler.from_config(ddim.config, covariance_type=covariance_type)
+    for scheduler in (ddim, ours):
+        scheduler.set_timesteps(10)
+    for t in ours.timesteps:
+        model_output, sample = random_pair(int(t))
+        both = zero_v_output(model_output, covariance_type, prediction_type, sample, ours._abar_list[int(t)])
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(int(t) + 1))
+        a = ddim.step(model_output, t, sample, eta=0.0, variance_noise=noise)
+        b = ours.step(both, t, sample, eta=0.0, variance_noise=noise)
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("eta", [1.0, 0.0])
 def test_matches_analytic_dpm_when_h_carries_the_same_variance(eta):
     """SN with h = eps_hat^2 + 1 - Gamma_t (and NPR with h = 1 - Gamma_t) is Analytic-DPM's step."""

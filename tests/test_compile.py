@@ -1,0 +1,44 @@
+"""A `torch.compile`d UNet in a sampling loop with our scheduler compiles once: no recompilation across steps.
+
+The timesteps passed to the model are the entries of `scheduler.timesteps` (0-dim int64 tensors), so dynamo does not
+specialise on their values. The backend is `aot_eager`: it traces the same graph as inductor (the one that would
+recompile) but skips code generation; inductor took about 90 s on a 2-core CI machine, over this test's budget.
+"""
+
+import torch
+
+from analytic_schedulers import AnalyticDPMScheduler
+from helpers import sample_loop
+
+
+def test_compiled_unet_compiles_once_across_the_sampling_loop(tiny_unet):
+    """`tiny_unet` (conftest): sample_size 8, 1 channel, block_out_channels (8, 16), DownBlock2D / UpBlock2D."""
+    from torch._dynamo.utils import counters
+
+    unet = tiny_unet
+    scheduler = AnalyticDPMScheduler(gamma=[0.9] * 1000)
+    scheduler.set_timesteps(10)
+    with torch.no_grad():
+        eager = sample_loop(scheduler, unet, 2)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend="aot_eager")
+    scheduler.set_timesteps(10)
+    with torch.no_grad():
+        out = sample_loop(scheduler, compiled, 2)
+    assert counters["frames"]["total"] == 1 and counters["frames"]["ok"] == 1, dict(counters["frames"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+    # a second loop, and an img2img loop from the middle, reuse the graph
+    scheduler.set_timesteps(10)
+    scheduler.set_begin_index(4)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn((2, 1, 8, 8), generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps[4:]:
+            x = scheduler.step(compiled(x, t).sample, t, x, generator=generator).prev_sample
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
