@@ -127,10 +127,8 @@ def _model_step(scheduler, model_output: torch.Tensor, t: int, s: int, x_t: torc
     config = scheduler.config
     abar_t = abar[t]
     _, x0_hat = rs.eps_and_x0_from_model_output(model_output.to(x_t.dtype), x_t, abar_t, config.prediction_type)
-    if config.thresholding:
-        x0_hat = rs.dynamic_threshold(x0_hat, config.dynamic_thresholding_ratio, config.sample_max_value)
-    elif config.clip_sample:
-        x0_hat = x0_hat.clamp(-config.clip_sample_range, config.clip_sample_range)
+    x0_hat = rs.process_x0(x0_hat, config.clip_sample, config.clip_sample_range, config.thresholding,
+                           config.dynamic_thresholding_ratio, config.sample_max_value)
     if s < 0:
         return x0_hat, torch.zeros((), dtype=x_t.dtype), x0_hat
     abar_s = abar[s]

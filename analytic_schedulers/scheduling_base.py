@@ -149,7 +149,6 @@ class ReverseVarianceSchedulerMixin:
         self.alphas_cumprod = self._abar64.to(torch.float32)
         # after tau_1 the step lands on abar = 1 (the clean sample) or on alphas_cumprod[0], as DDIMScheduler
         self._final_abar = 1.0 if config.set_alpha_to_one else self._abar_list[0]
-        self.one = torch.tensor(1.0)
         # sqrt(abar), sqrt(bbar) for add_noise / get_velocity, per (device, dtype), cast once from float64
         self._forward_tables: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
         if config.eta < 0:
