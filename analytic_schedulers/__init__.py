@@ -1,4 +1,12 @@
-"""Analytic-DPM, SN-DPM and NPR-DPM schedulers for Hugging Face diffusers."""
+"""Analytic-DPM, SN-DPM and NPR-DPM schedulers for Hugging Face diffusers.
+
+The method is explained in `docs/method.md`. The classes below are defined with `__module__ = "analytic_schedulers"`,
+so a pipeline's `save_pretrained` records them in `model_index.json` as `["analytic_schedulers", "<class>"]`, a name
+that does not change when modules move. diffusers loads such a component only once `analytic_schedulers` is imported,
+and decides how to load it from the base classes it finds on this package (`ModelMixin`, `SchedulerMixin`).
+"""
+
+from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (looked up here by diffusers' pipeline loader)
 
 from .gamma import GammaEstimate, GammaSums, estimate_gamma
 from .gaussian import GaussianDataModel

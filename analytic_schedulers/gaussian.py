@@ -37,6 +37,8 @@ class GaussianDataModel(ModelMixin, ConfigMixin):
             `h = Var[eps | x_t]` (NPR-DPM), 2C channels.
     """
 
+    __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
+
     @register_to_config
     def __init__(
         self,

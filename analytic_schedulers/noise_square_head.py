@@ -75,6 +75,8 @@ class NoiseSquareHead(ModelMixin, ConfigMixin):
         output_activation (`str`, defaults to `"softplus"`): `"softplus"` or `"identity"`, see above.
     """
 
+    __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
+
     @register_to_config
     def __init__(
         self,
@@ -182,6 +184,8 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         in_channels (`int`, *optional*), sample_size (`int`, *optional*): recorded from the backbone for pipelines
             (which read `unet.config.in_channels` and `sample_size`); when given they must match it.
     """
+
+    __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
 
     def __init__(
         self,

@@ -71,6 +71,8 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
             accelerator.
     """
 
+    __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
+
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 

@@ -10,6 +10,7 @@ check for a non-finite model output is kept on the device until the last step (`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -100,6 +101,18 @@ def validate_gamma(gamma, num_train_timesteps: int) -> Optional[torch.Tensor]:
     return table
 
 
+def _not_found_help(location, subfolder: Optional[str]) -> str:
+    where = f"{location}/{subfolder}" if subfolder else str(location)
+    text = (f"No scheduler config at {where!r}. A Gamma table is a scheduler folder that `analytic-schedulers "
+            "estimate-gamma --output` writes (`--push-to-hub REPO_ID` publishes it as `analytic_scheduler/`): load it "
+            "with `AnalyticDPMScheduler.from_pretrained(REPO_ID, subfolder=\"analytic_scheduler\")`, or check the "
+            "path, the repository id and `subfolder`.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline and not os.path.isdir(str(location)):
+        text += " The Hub is switched off (HF_HUB_OFFLINE=1) and no copy is cached: download it once online first."
+    return text
+
+
 class GammaTable(list):
     """The Gamma table as the config holds it: a plain list of floats (JSON writes it as a list) with a one-line `repr`.
 
@@ -176,6 +189,17 @@ class ReverseVarianceSchedulerMixin:
         self._first_nonfinite_step: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------------------------ public surface
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder: Optional[str] = None, **kwargs):
+        """
+        diffusers' `SchedulerMixin.from_pretrained` (a folder or Hub id, `subfolder`, Hub options), with an error
+        that says where this package's tables are published when `scheduler_config.json` is not found.
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except OSError as error:
+            raise OSError(f"{error} {_not_found_help(pretrained_model_name_or_path, subfolder)}") from error
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

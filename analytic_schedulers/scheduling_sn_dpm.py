@@ -86,6 +86,8 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
             accelerator.
     """
 
+    __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
+
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 
