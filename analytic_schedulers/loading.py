@@ -179,9 +179,15 @@ def load_gamma(source: Optional[str] = None, model: Optional[str] = None) -> Opt
     The Gamma table of a scheduler folder or Hub id (a `scheduler_config.json` with `gamma`, at its root or in
     `analytic_scheduler/`). With `source=None`, the model's own `analytic_scheduler/`, or `None` when it has none.
     """
+    config = load_gamma_config(source, model)
+    return None if config is None else config["gamma"]
+
+
+def load_gamma_config(source: Optional[str] = None, model: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The scheduler config holding the Gamma table (see `load_gamma`): the table and the schedule it belongs to."""
     if source is None:
         config = read_config(model_location(model), GAMMA_SUBFOLDER, SCHEDULER_CONFIG)
-        return None if config is None else config.get("gamma")
+        return config if config is not None and config.get("gamma") is not None else None
     location = model_location(source)
     config = read_config(location, None, SCHEDULER_CONFIG) or read_config(location, GAMMA_SUBFOLDER, SCHEDULER_CONFIG)
     if config is None:
@@ -190,7 +196,29 @@ def load_gamma(source: Optional[str] = None, model: Optional[str] = None) -> Opt
     if config.get("gamma") is None:
         raise LoadError(f"The scheduler config at {source!r} has no `gamma` table; estimate one with "
                         "`analytic-schedulers estimate-gamma`.")
-    return config["gamma"]
+    return config
+
+
+def check_same_schedule(table_config: Dict[str, Any], model_config: Dict[str, Any], where: str) -> None:
+    """
+    Refuses a Gamma table estimated under another noise schedule than the model's: the table is `E||eps||^2 / d`
+    at each `abar_t`, so on other `abar_t` it is a different model's table.
+    """
+    from .schedule import alphas_cumprod_float64
+    from .scheduling_analytic_dpm import AnalyticDPMScheduler
+
+    schedule = lambda config: alphas_cumprod_float64(  # noqa: E731
+        AnalyticDPMScheduler.from_config({k: v for k, v in config.items() if k != "gamma"}))
+    table, model = schedule(table_config), schedule(model_config)
+    if table.shape != model.shape or not bool((table - model).abs().max() <= 1e-9):
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "rescale_betas_zero_snr")
+        differ = {k: (table_config.get(k), model_config.get(k)) for k in keys
+                  if table_config.get(k) != model_config.get(k)}
+        raise LoadError(
+            f"The Gamma table at {where} was estimated under another noise schedule than the model's "
+            f"({differ or 'trained_betas differ'}; table vs model): it does not apply. Estimate one for this model "
+            "with `analytic-schedulers estimate-gamma --model <model> --data <images> --output <folder>`."
+        )
 
 
 def load_head(unet, covariance_type: str, head: Optional[str] = None, model: Optional[str] = None):
@@ -276,4 +304,8 @@ def load(model: Optional[str] = None, subfolder: Optional[str] = None, scheduler
     unet, subfolder = load_model(location, subfolder, torch_dtype=torch_dtype)
     config = load_scheduler_config(location, scheduler, subfolder)
     name = model if model is not None else f"bundled {BUNDLED_MODEL.name}"
-    return LoadedModel(unet, config, load_gamma(gamma, location), location, subfolder, name)
+    table_config = load_gamma_config(gamma, location)
+    if table_config is not None:
+        check_same_schedule(table_config, config, repr(gamma or f"{location}/{GAMMA_SUBFOLDER}"))
+    return LoadedModel(unet, config, None if table_config is None else table_config["gamma"], location, subfolder,
+                       name)

@@ -356,7 +356,10 @@ def load_head_model(location: Union[str, os.PathLike], unet: Optional[UNet2DMode
             "`NoiseSquareHeadModel.from_pretrained`."
         )
     if unet is None:
-        raise ValueError(f"The head at {_where(location, subfolder)} needs its backbone: pass `unet`.")
+        raise ValueError(
+            f"The head at {_where(location, subfolder)} is saved alone and needs the backbone it was trained on: pass "
+            "`unet=` (e.g. `pipe.unet`, or `UNet2DModel.from_pretrained(<model>, subfolder=\"unet\")`)."
+        )
     head = NoiseSquareHead.from_pretrained(location, subfolder=subfolder, **hub_kwargs)
     return NoiseSquareHeadModel(unet=unet, head=head).eval()
 

@@ -50,7 +50,6 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..data import load_images, quantize_8bit
     from ..likelihood import dataset_nll_bits_per_dim
-    from ..loading import load_gamma
     from ..runtime import command_device, make_accelerator
 
     if args.steps < 1 or args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
@@ -58,9 +57,9 @@ def run(args) -> int:
     name, gamma_source = _sampler_name(args.scheduler)
     accelerator = make_accelerator(args.device)
     device = command_device(accelerator, args.device)
-    loaded = load_from_args(args)
     if gamma_source is not None:
-        loaded.gamma = load_gamma(gamma_source)
+        args.gamma = gamma_source
+    loaded = load_from_args(args)
     config = with_spacing(loaded.scheduler_config, args.spacing, args.steps)
     model, sampler = model_and_sampler(name, loaded, config, args.head, None)
     sampler.set_timesteps(args.steps)

@@ -1,0 +1,146 @@
+"""Loading like a native diffusers component: pipelines that name this package in model_index.json, the released
+module paths, folders and an offline Hugging Face cache; and the errors of bad locations."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+
+import analytic_schedulers
+from analytic_schedulers import AnalyticDPMScheduler, NoiseSquareHeadModel, SNDPMScheduler, load_head_model
+from analytic_schedulers.cli import main
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+#: Where the released version (0.1) recorded each class in model_index.json: its private module paths.
+RELEASED_PATHS = {"AnalyticDPMScheduler": "analytic_schedulers.scheduling_analytic_dpm",
+                  "SNDPMScheduler": "analytic_schedulers.scheduling_sn_dpm",
+                  "NoiseSquareHeadModel": "analytic_schedulers.noise_square_head"}
+
+
+def perturbed_head_model(unet):
+    model = NoiseSquareHeadModel.from_unet(unet, covariance_type="npr")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def pipeline(kind, unet):
+    if kind == "analytic":  # our scheduler beside a native UNet2DModel
+        return DDPMPipeline(unet=unet, scheduler=AnalyticDPMScheduler(gamma=torch.linspace(0.99, 0.01, 1000)))
+    # our head model as the pipeline's unet, driven by our SN scheduler
+    return DDPMPipeline(unet=perturbed_head_model(unet), scheduler=SNDPMScheduler(covariance_type="npr"))
+
+
+def images(pipe):
+    return pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+def in_hub_cache(folder, cache, repo_id="org/tiny-analytic"):
+    """The layout huggingface_hub gives a downloaded repository: models--org--name/{refs/main, snapshots/<commit>}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(folder, repo / "snapshots" / COMMIT)
+    return repo_id
+
+
+@pytest.mark.parametrize("place", ["folder", "hub cache"])
+@pytest.mark.parametrize("names", ["top-level", "released paths"])
+@pytest.mark.parametrize("kind", ["analytic", "sn head"])
+def test_pipelines_naming_our_components_load_and_sample_the_same_images(tiny_unet, tmp_path, kind, names, place):
+    pipe = pipeline(kind, tiny_unet)
+    expected = images(pipe)
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    ours = {name: entry for name, entry in index.items() if isinstance(entry, list) and entry[0] != "diffusers"}
+    assert all(entry[0] == "analytic_schedulers" for entry in ours.values()), index  # the stable name is written
+    assert len(ours) == (1 if kind == "analytic" else 2)
+    if names == "released paths":
+        for name, (_, class_name) in ours.items():
+            index[name] = [RELEASED_PATHS[class_name], class_name]
+        (folder / "model_index.json").write_text(json.dumps(index))
+
+    if place == "folder":
+        loaded = DiffusionPipeline.from_pretrained(folder)
+    else:
+        repo_id = in_hub_cache(folder, tmp_path / "hub")
+        loaded = DiffusionPipeline.from_pretrained(repo_id, cache_dir=tmp_path / "hub")  # HF_HUB_OFFLINE=1 (conftest)
+    for name, (_, class_name) in ours.items():
+        assert type(getattr(loaded, name)) is getattr(analytic_schedulers, class_name)
+    np.testing.assert_array_equal(images(loaded), expected)
+
+
+def test_a_published_table_loads_from_its_subfolder_beside_a_native_pipeline(tiny_unet, tmp_path):
+    """The publishing layout: model_index.json names only diffusers' classes, the table sits in
+    analytic_scheduler/, and the component is passed as `scheduler=` (the recipe of the README)."""
+    folder = tmp_path / "repo"
+    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+    table = AnalyticDPMScheduler.from_config(DDPMScheduler().config, gamma=torch.linspace(0.99, 0.01, 1000))
+    table.save_pretrained(folder / "analytic_scheduler")
+    repo_id = in_hub_cache(folder, tmp_path / "hub")
+    scheduler = AnalyticDPMScheduler.from_pretrained(repo_id, subfolder="analytic_scheduler",
+                                                     cache_dir=tmp_path / "hub")
+    pipe = DDPMPipeline.from_pretrained(repo_id, scheduler=scheduler, cache_dir=tmp_path / "hub")
+    assert isinstance(pipe.scheduler, AnalyticDPMScheduler)
+    np.testing.assert_array_equal(images(pipe), images(DDPMPipeline(unet=tiny_unet, scheduler=table)))
+
+
+def test_a_repo_without_the_subfolder_says_where_tables_are(tiny_unet, tmp_path):
+    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "repo")
+    repo_id = in_hub_cache(tmp_path / "repo", tmp_path / "hub")
+    for location in (str(tmp_path / "repo"), repo_id):
+        with pytest.raises(OSError, match='subfolder="analytic_scheduler"') as error:
+            AnalyticDPMScheduler.from_pretrained(location, subfolder="analytic_scheduler",
+                                                 cache_dir=tmp_path / "hub")
+        assert "analytic_scheduler" in str(error.value)
+
+
+def test_a_hub_id_while_offline_says_so(tmp_path, capsys):
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        AnalyticDPMScheduler.from_pretrained("org/never-downloaded", subfolder="analytic_scheduler",
+                                             cache_dir=tmp_path)
+    assert main(["sample", "--model", "org/never-downloaded", "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "org/never-downloaded" in err and "HF_HUB_OFFLINE=1" in err and "local folder" in err
+
+
+def test_a_table_of_another_schedule_is_refused(tiny_unet, tmp_path, capsys):
+    model = tmp_path / "model"
+    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler()).save_pretrained(model)
+    AnalyticDPMScheduler(beta_schedule="squaredcos_cap_v2", gamma=[0.5] * 1000).save_pretrained(tmp_path / "cosine")
+    for command in (["sample", "--output", str(tmp_path / "x.png")], ["nll", "--num-images", "2"]):
+        assert main([*command, "--model", str(model), "--gamma", str(tmp_path / "cosine"), "--steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert "another noise schedule" in err and "beta_schedule" in err and "estimate-gamma" in err
+
+
+def test_a_head_saved_alone_needs_its_backbone(tiny_unet, tmp_path):
+    model = perturbed_head_model(tiny_unet)
+    model.head.save_pretrained(tmp_path / "npr_head")
+    with pytest.raises(ValueError, match="unet="):
+        load_head_model(tmp_path / "npr_head", unet=None)
+    with pytest.raises(ValueError, match="unet="):
+        NoiseSquareHeadModel.from_pretrained(tmp_path / "npr_head")
+    composed = load_head_model(tmp_path / "npr_head", unet=tiny_unet)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    torch.testing.assert_close(composed(x, t).sample, model(x, t).sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampler,ok", [("ddpm", True), ("dpmsolver++", True), ("analytic-ddpm", True),
+                                        ("ddim", False)])
+def test_spacing_optimal_with_diffusers_own_schedulers(tmp_path, capsys, sampler, ok):
+    """diffusers' schedulers that take custom timesteps follow the optimal trajectory; DDIM stops with a message."""
+    out = tmp_path / "grid.png"
+    code = main(["sample", "--scheduler", sampler, "--spacing", "optimal", "--steps", "3", "--num-images", "1",
+                 "--no-progress", "--output", str(out)])
+    if ok:
+        assert code == 0 and out.is_file()
+    else:
+        assert code == 2 and "custom timesteps" in capsys.readouterr().err and not out.exists()
