@@ -2,7 +2,11 @@
 module paths, folders and an offline Hugging Face cache; and the errors of bad locations."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ import analytic_schedulers
 from analytic_schedulers import AnalyticDPMScheduler, NoiseSquareHeadModel, SNDPMScheduler, load_head_model
 from analytic_schedulers.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 #: Where the released version (0.1) recorded each class in model_index.json: its private module paths.
 RELEASED_PATHS = {"AnalyticDPMScheduler": "analytic_schedulers.scheduling_analytic_dpm",
@@ -144,3 +149,30 @@ def test_spacing_optimal_with_diffusers_own_schedulers(tmp_path, capsys, sampler
         assert code == 0 and out.is_file()
     else:
         assert code == 2 and "custom timesteps" in capsys.readouterr().err and not out.exists()
+
+
+def readme_block(marker):
+    text = (ROOT / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+    return block.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_hub_recipe_runs_verbatim_against_an_offline_cache(tiny_unet, tmp_path):
+    """The README's recipe, word for word, in a fresh process whose Hugging Face cache holds the two repositories it
+    names (here with a tiny UNet under the model's name) and whose Hub is switched off."""
+    recipe = readme_block("hub-recipe")
+    cache = tmp_path / "hf_home" / "hub"
+    model = tmp_path / "model"
+    DDPMPipeline(unet=tiny_unet, scheduler=DDPMScheduler()).save_pretrained(model)
+    in_hub_cache(model, cache, "google/ddpm-cifar10-32")
+    tables = tmp_path / "tables"
+    AnalyticDPMScheduler.from_config(DDPMScheduler().config, gamma=torch.linspace(0.99, 0.01, 1000)).save_pretrained(
+        tables / "analytic_scheduler")
+    in_hub_cache(tables, cache, "you/ddpm-cifar10-analytic")
+    script = recipe + "\nprint(type(pipe.scheduler).__name__, len(images), images[0].size)\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "AnalyticDPMScheduler 1 (8, 8)"
