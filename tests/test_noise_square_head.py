@@ -163,7 +163,7 @@ def test_errors_name_the_missing_piece(tmp_path):
     model.save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError, match="pass its backbone"):
         NoiseSquareHeadModel.from_pretrained(tmp_path / "head")
-    with pytest.raises(ValueError, match="pass `unet`"):
+    with pytest.raises(ValueError, match="pass `unet=`"):
         load_head_model(tmp_path / "head", None)
     with pytest.raises(ValueError, match="not a NoiseSquareHead.*NoiseSquareHeadModel.from_pretrained"):
         load_head_model(tmp_path / "model", make_unet())
