@@ -30,6 +30,7 @@ from .noise_square_head import NoiseSquareHeadModel
 from .reverse_step import eps_and_x0_from_model_output
 from .runtime import (GeneratorLike, call_model, is_checkpoint, load_checkpoint, save_checkpoint, seed_of,
                       write_json_atomically)
+from .schedule import alphas_cumprod_float64
 
 __all__ = ["train_noise_square_head", "noise_square_head_loss", "latest_checkpoint"]
 
@@ -243,8 +244,10 @@ def _training_images(data, in_channels: int) -> torch.Tensor:
 
 def _noise_schedule(scheduler) -> Tuple[torch.Tensor, str]:
     """`(alphas_cumprod in float64, prediction_type)` of a diffusers scheduler or of an `alphas_cumprod` tensor."""
-    abar = getattr(scheduler, "alphas_cumprod", scheduler)
-    abar = torch.as_tensor(abar, dtype=torch.float64).flatten()
+    try:
+        abar = alphas_cumprod_float64(scheduler)
+    except TypeError:
+        abar = torch.zeros(0)
     if len(abar) < 2 or not torch.isfinite(abar).all():
         raise ValueError("`scheduler` must be a diffusers scheduler with `alphas_cumprod`, or that tensor.")
     return abar, getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
