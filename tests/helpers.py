@@ -32,7 +32,8 @@ class ReadBackCounter:
 
     On an accelerator each such read waits for the device. The ops are dispatched on the CPU too, so the count is the
     same without a GPU. Not counted: `.to(device)` copies (on a CPU-only machine a copy to the host cannot be told
-    from one that stays there).
+    from one that stays there). Counted apart, as `host_data_copies`: tensors made from Python data on a named device
+    (`torch.tensor(0.5, device=d)`), which on an accelerator are copies from the host that wait for the device.
 
     Args:
         host_side: functions and module-name prefixes whose reads are of host tensors by construction (e.g.
@@ -42,6 +43,7 @@ class ReadBackCounter:
 
     def __init__(self, host_side=()):
         self.count = 0
+        self.host_data_copies = 0
         self.where = []
         self._codes = {f.__code__ for f in host_side if callable(f)}
         self._prefixes = tuple(p for p in host_side if isinstance(p, str))
@@ -59,10 +61,11 @@ class ReadBackCounter:
     def _record(self, name):
         frame, caller = sys._getframe(2), None
         while frame is not None:
-            if frame.f_code in self._codes or frame.f_globals.get("__name__", "").startswith(self._prefixes or "\0"):
+            module = frame.f_globals.get("__name__", "")
+            if frame.f_code in self._codes or (self._prefixes and module.startswith(self._prefixes)):
                 return
-            if caller is None and not frame.f_globals.get("__name__", "").startswith("torch"):
-                caller = f"{frame.f_code.co_name}:{frame.f_lineno}"
+            if caller is None and not module.startswith("torch") and module != __name__:
+                caller = f"{module}.{frame.f_code.co_name}:{frame.f_lineno}"
             frame = frame.f_back
         self.count += 1
         self.where.append(f"{name} in {caller}")
@@ -85,6 +88,10 @@ class _CountingFunctionMode(TorchFunctionMode):
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in READ_BACK_METHODS:
             self.counter._record(func.__name__)
-        return func(*args, **(kwargs or {}))
+        elif func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None and args \
+                and not isinstance(args[0], torch.Tensor):
+            self.counter.host_data_copies += 1
+        return func(*args, **kwargs)
