@@ -4,7 +4,6 @@ runs with `torch.Generator("cuda")`, and its steps make no synchronising call.""
 
 import contextlib
 import copy
-import warnings
 
 import pytest
 import torch
@@ -27,9 +26,7 @@ def with_head(unet, kind):
 
 
 def half(model, dtype):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers suggests `torch_dtype` in from_pretrained for a cast model
-        return copy.deepcopy(model).to(dtype)
+    return copy.deepcopy(model).to(dtype)
 
 
 @torch.no_grad()
