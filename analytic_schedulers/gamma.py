@@ -331,12 +331,17 @@ def estimate_gamma(
             Earlier results: their estimated timesteps are skipped and their sums kept.
         callback (`Callable[[GammaSums], None]`, *optional*):
             Called on every process after each group of timesteps with the global sums so far (for checkpoints).
+            Each call reduces the sums and reads them to the host (one synchronisation per group).
         model_kwargs (`Dict[str, torch.Tensor]`, *optional*):
             Per-image inputs of the model, each `[N, ...]` aligned with the images (e.g. one caption embedding per
             image as `encoder_hidden_states`); sharded and batched with them and passed as `model(x_t, t, **kw)`.
 
     Returns:
         `GammaEstimate`, or a float64 tensor `[T]` with NaN at timesteps not estimated when `return_stderr=False`.
+
+    The loop never waits for the device: noise is drawn there, the sums stay there, and they are read back once at
+    the end (and after each group of timesteps when `callback` is given). The range check reads the images on the
+    host, before they move to the device.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
@@ -470,7 +475,9 @@ def _reduced(local: GammaSums, accelerator) -> GammaSums:
 
 
 def _checked(sums: GammaSums, timesteps: List[int]) -> GammaSums:
-    bad = [t for t in timesteps if not math.isfinite(sums.total[t].item() + sums.total_sq[t].item())]
+    """Raises when the (host) sums at `timesteps` are not finite; one read of one vector."""
+    finite = torch.isfinite(sums.total[timesteps] + sums.total_sq[timesteps]).tolist()
+    bad = [t for t, ok in zip(timesteps, finite) if not ok]
     if bad:
         raise ValueError(
             f"The model output at timesteps {bad[:10]} contains NaN or Inf. With fp16, try bf16 or float32 for the "
@@ -504,12 +511,16 @@ def _mean_square_of_eps(output: torch.Tensor, x_t: torch.Tensor, group: List[int
 
 
 def _check_range(shard: torch.Tensor, accelerator, warn: bool) -> None:
-    """Warns once when the images are not in [-1, 1] (all processes take part in the reduction)."""
-    local = torch.tensor([shard.max().item(), -shard.min().item()] if shard.numel() else [-math.inf, -math.inf],
-                         dtype=torch.float64)
+    """Warns once when the images are not in [-1, 1] (all processes take part in the reduction). Runs once per run,
+    on the host copy of the shard before it moves to the device, so it never waits for the device."""
+    if shard.numel():
+        local = torch.stack([shard.max(), -shard.min()]).to(torch.float64)
+    else:
+        local = torch.full((2,), -math.inf, dtype=torch.float64)
     if accelerator is not None and accelerator.num_processes > 1:
         local = accelerator.gather(local.to(accelerator.device)[None]).cpu().amax(dim=0)
-    high, low = local[0].item(), -local[1].item()
+    high, negative_low = local.tolist()
+    low = -negative_low
     if not warn or not math.isfinite(high):
         return
     tolerance = 1e-3

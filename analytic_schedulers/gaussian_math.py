@@ -16,14 +16,21 @@ Scalar = Union[float, torch.Tensor]
 HALF_BIN = 1.0 / 255.0
 
 
+def _as_tensor_like(value: Scalar, like: torch.Tensor) -> torch.Tensor:
+    """`value` as a tensor of `like`'s dtype and device; a float is filled in there (`torch.as_tensor(float,
+    device="cuda")` would copy it from the host and wait for the device)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    return torch.full((), float(value), dtype=like.dtype, device=like.device)
+
+
 def normal_kl(mean1: torch.Tensor, var1: Scalar, mean2: torch.Tensor, var2: Scalar) -> torch.Tensor:
     """`KL(N(mean1, var1) || N(mean2, var2))` per element, in nats.
 
     `0.5 * (log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1)`. Variances may be floats, 0-dim tensors or
     tensors broadcastable to the means (diagonal covariances); they must be positive.
     """
-    var1 = torch.as_tensor(var1, dtype=mean1.dtype, device=mean1.device)
-    var2 = torch.as_tensor(var2, dtype=mean1.dtype, device=mean1.device)
+    var1, var2 = _as_tensor_like(var1, mean1), _as_tensor_like(var2, mean1)
     return 0.5 * (torch.log(var2) - torch.log(var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
 
 
@@ -56,7 +63,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, var
     Returns:
         `torch.Tensor` of `x`'s shape: log-probabilities in nats (`<= 0`).
     """
-    var = torch.as_tensor(var, dtype=mean.dtype, device=mean.device)
+    var = _as_tensor_like(var, mean)
     inv_std = torch.rsqrt(var)
     centered = x - mean
     upper = torch.where(x > 1.0 - HALF_BIN, torch.full_like(centered, math.inf), (centered + HALF_BIN) * inv_std)

@@ -27,7 +27,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import gaussian_math as gm
 from . import reverse_step as rs
 from .data import images_from_batch
-from .runtime import GeneratorLike, as_generator, call_model, make_generator, model_device_dtype, seed_of
+from .runtime import (GeneratorLike, as_generator, call_model, make_generator, model_device_dtype, seed_of,
+                      to_device)
 from .schedule import alphas_cumprod_float64
 
 QUANTIZE_HELP = "Quantize images in [-1, 1] to 8 bits first: `x = torch.round((x + 1) * 127.5) / 127.5 - 1`."
@@ -59,20 +60,26 @@ class NELBOTerms:
 
 
 def check_8bit_data(x0: torch.Tensor) -> torch.Tensor:
-    """Checks that `x0` lies in `[-1, 1]` on the 8-bit grid `{-1 + 2k/255}`; returns it snapped to the grid, float64."""
+    """Checks that `x0` lies in `[-1, 1]` on the 8-bit grid `{-1 + 2k/255}`; returns it snapped to the grid, float64.
+
+    One read of the values (NaN/Inf, range and grid in one small tensor): check a host copy to keep the device busy.
+    """
     if not torch.is_floating_point(x0):
         raise ValueError(f"`x0` must be a float tensor in [-1, 1], got dtype {x0.dtype}. " + QUANTIZE_HELP)
     x = x0.detach().to(torch.float64)
-    if not torch.isfinite(x).all():
+    if x.numel() == 0:
+        return x
+    levels = (x + 1.0) * 127.5
+    nonfinite, low, high, off_grid = torch.stack(
+        [(~torch.isfinite(x)).sum().to(torch.float64), x.min(), x.max(), (levels - levels.round()).abs().max()]
+    ).tolist()
+    if nonfinite:
         raise ValueError("`x0` contains NaN or Inf.")
-    low, high = x.min().item(), x.max().item()
     if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
         raise ValueError(
             f"`x0` must lie in [-1, 1] (the likelihood is of 8-bit images scaled to [-1, 1]), got values in "
             f"[{low:.4g}, {high:.4g}]. Map uint8 images with `x = img / 127.5 - 1`."
         )
-    levels = (x + 1.0) * 127.5
-    off_grid = (levels - levels.round()).abs().max().item()
     if off_grid > 1e-3:
         raise ValueError(
             f"`x0` is not on the 8-bit grid (a value is {off_grid:.3g} levels off): the discretised likelihood is "
@@ -130,14 +137,14 @@ def _model_step(scheduler, model_output: torch.Tensor, t: int, s: int, x_t: torc
     x0_hat = rs.process_x0(x0_hat, config.clip_sample, config.clip_sample_range, config.thresholding,
                            config.dynamic_thresholding_ratio, config.sample_max_value)
     if s < 0:
-        return x0_hat, torch.zeros((), dtype=x_t.dtype), x0_hat
+        return x0_hat, torch.zeros((), dtype=x_t.dtype, device=x_t.device), x0_hat
     abar_s = abar[s]
     mean = rs.ddpm_mean(x0_hat, x_t, abar_t, abar_s)
     if DDPM_VARIANCES[config.variance_type] == "small":
         variance = rs.ddpm_posterior_variance(abar_t, abar_s)
     else:
         variance = 1.0 - abar_t / abar_s
-    return mean, torch.tensor(variance, dtype=x_t.dtype, device=x_t.device), x0_hat
+    return mean, torch.full((), variance, dtype=x_t.dtype, device=x_t.device), x0_hat  # filled there, not copied
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -155,11 +162,23 @@ def nelbo_terms_bpd(model, scheduler, x0: torch.Tensor, generator: GeneratorLike
     """
     _check_scheduler(scheduler)
     x0 = check_8bit_data(x0)
-    generator = as_generator(generator, x0.device)
+    timesteps, abar = _trajectory_and_schedule(scheduler)
+    return _nelbo_terms(model, scheduler, x0, as_generator(generator, x0.device), timesteps, abar)
+
+
+def _trajectory_and_schedule(scheduler) -> Tuple[List[int], List[float]]:
+    """The scheduler's timesteps (one read when they live on the device) and `abar_t` in float64, as Python lists."""
     abar = alphas_cumprod_float64(scheduler).tolist()
     if len(abar) < 2:
         raise ValueError("The decoder variance needs at least two training timesteps.")
-    timesteps = [int(t) for t in scheduler.timesteps]
+    return [int(t) for t in torch.as_tensor(scheduler.timesteps).tolist()], abar
+
+
+def _nelbo_terms(model, scheduler, x0: torch.Tensor, generator, timesteps: List[int],
+                 abar: List[float]) -> NELBOTerms:
+    """The loop of `nelbo_terms_bpd` for checked data `x0` (float64, on the grid), the trajectory `timesteps` and the
+    schedule `abar`; it reads nothing back from the device (a reverse-variance scheduler with `check_finite` reads
+    one flag at the decoder step)."""
     batch, num_dims = x0.shape[0], x0[0].numel()
     to_bpd = 1.0 / (num_dims * math.log(2.0))
 
@@ -236,8 +255,9 @@ def dataset_nll_bits_per_dim(
     Args:
         model: as in `nll_bits_per_dim`; moved to `accelerator.device` when an accelerator is given.
         scheduler: as in `nll_bits_per_dim`, with its trajectory set.
-        data (`torch.Tensor` `[N, C, H, W]` or `torch.utils.data.Dataset`): 8-bit images in `[-1, 1]`; a dataset
-            may yield tensors, tuples (image first) or dicts with `"pixel_values"` / `"images"` / `"image"`.
+        data (`torch.Tensor` `[N, C, H, W]` or `torch.utils.data.Dataset`): 8-bit images in `[-1, 1]`, best on the
+            CPU; a dataset may yield tensors, tuples (image first) or dicts with `"pixel_values"` / `"images"` /
+            `"image"`.
         accelerator (`accelerate.Accelerator`, *optional*): shards the batches over its processes and gathers the
             results (`gather_for_metrics`, so no image is counted twice). Without one, runs on the model's device.
         batch_size (`int`, defaults to 64): images per model call and process.
@@ -247,7 +267,35 @@ def dataset_nll_bits_per_dim(
     Returns:
         `torch.Tensor` of shape `[N]`, float64 on the CPU: bits/dim per image, in dataset order. The mean and its
         standard error summarise it: `nll.mean()`, `nll.std() / len(nll) ** 0.5`.
+
+    The loop never waits for the device: each batch is checked on the host before it moves there, the results stay
+    there and come back once at the end, where they are checked for NaN and Inf (instead of the scheduler's
+    `check_finite` flag at every batch).
     """
+    from tqdm.auto import tqdm
+
+    _check_scheduler(scheduler)
+    loader, process, main = _sharded_loader(data, batch_size, accelerator)
+    device = accelerator.device if accelerator is not None else model_device_dtype(model)[0]
+    if accelerator is not None and hasattr(model, "to"):
+        model = model.to(device)
+    generator = make_generator(seed_of(generator) + 1_000_003 * process, device)  # one stream per process
+    timesteps, abar = _trajectory_and_schedule(scheduler)
+    stepper = _without_finite_check(scheduler, timesteps)
+    results = []
+    for batch in tqdm(loader, desc="NLL", disable=not (progress and main)):
+        x0 = to_device(check_8bit_data(images_from_batch(batch)), device)  # checked on the host copy
+        nll = _nelbo_terms(model, stepper, x0, generator, timesteps, abar).total_bpd
+        if accelerator is not None:
+            nll = accelerator.gather_for_metrics(nll)
+        results.append(nll)
+    nll = torch.cat(results).cpu() if results else torch.zeros(0, dtype=torch.float64)
+    _check_finite_nll(nll)
+    return nll
+
+
+def _sharded_loader(data, batch_size: int, accelerator):
+    """`(loader, process index, is main process)`; the loader yields host batches (no device placement)."""
     from torch.utils.data import DataLoader, Dataset, TensorDataset
 
     if isinstance(data, torch.Tensor):
@@ -255,21 +303,28 @@ def dataset_nll_bits_per_dim(
     elif not isinstance(data, Dataset):
         raise TypeError(f"`data` must be a tensor or a torch Dataset, got {type(data).__name__}.")
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    process, main = 0, True
-    if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader)
-        device, process, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
-        if hasattr(model, "to"):
-            model = model.to(device)
-    else:
-        device = model_device_dtype(model)[0]
-    generator = make_generator(seed_of(generator) + 1_000_003 * process, device)  # one stream per process
-    results = []
-    from tqdm.auto import tqdm
+    if accelerator is None:
+        return loader, 0, True
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)
+    return loader, accelerator.process_index, accelerator.is_main_process
 
-    for batch in tqdm(loader, desc="NLL", disable=not (progress and main)):
-        nll = nll_bits_per_dim(model, scheduler, images_from_batch(batch).to(device), generator=generator)
-        if accelerator is not None:
-            nll = accelerator.gather_for_metrics(nll)
-        results.append(nll.cpu())
-    return torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
+
+def _without_finite_check(scheduler, timesteps: List[int]):
+    """The scheduler to step with in a loop over many batches: one of this package's schedulers with `check_finite`
+    reads a device flag at every batch's last step, so the loop uses a copy without it (on the same trajectory) and
+    checks the results once."""
+    if not (_is_reverse_variance_scheduler(scheduler) and getattr(scheduler.config, "check_finite", False)):
+        return scheduler
+    copy = type(scheduler).from_config(scheduler.config, check_finite=False)
+    copy.set_timesteps(timesteps=timesteps)
+    return copy
+
+
+def _check_finite_nll(nll: torch.Tensor) -> None:
+    """Raises when an image's NLL (on the host) is NaN or Inf."""
+    bad = (~torch.isfinite(nll)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(
+            f"The NLL of images {bad[:10].tolist()} is NaN or Inf: the model output held NaN or Inf for them. With "
+            "fp16, try bf16 or float32 for the model; otherwise check the model's inputs."
+        )

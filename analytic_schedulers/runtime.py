@@ -29,6 +29,7 @@ __all__ = [
     "save_checkpoint",
     "seed_of",
     "stream_seed",
+    "to_device",
     "write_atomically",
     "write_json_atomically",
     "write_text_atomically",
@@ -83,6 +84,20 @@ def call_model(model: Callable, sample: torch.Tensor, timestep, dtype: Optional[
     if not isinstance(timestep, torch.Tensor):
         timestep = torch.full((sample.shape[0],), int(timestep), dtype=torch.long, device=sample.device)
     return model_output_tensor(model(sample.to(dtype), timestep, **model_kwargs))
+
+
+def to_device(tensor: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """
+    `tensor.to(device)` without making the host wait for the device.
+
+    A plain copy from ordinary (pageable) host memory to a CUDA device synchronises the stream, so the host could not
+    queue the next batch while the device works; a CPU tensor bound for CUDA goes through pinned memory with
+    `non_blocking=True` instead. Anything else is `tensor.to(device)`.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .data import images_from_batch
 from .noise_square_head import NoiseSquareHeadModel
 from .reverse_step import eps_and_x0_from_model_output
 from .runtime import (GeneratorLike, call_model, is_checkpoint, load_checkpoint, save_checkpoint, seed_of,
-                      write_json_atomically)
+                      to_device, write_json_atomically)
 from .schedule import alphas_cumprod_float64
 
 __all__ = ["train_noise_square_head", "noise_square_head_loss", "latest_checkpoint"]
@@ -120,7 +120,9 @@ def train_noise_square_head(
             stream per process), read with `runtime.seed_of`.
         progress (`bool`, defaults to `True`): show a tqdm bar (with the loss of the last logged window).
         log_every (`int`, defaults to 100): print the mean loss every this many steps (0: never). The losses are
-            read back from the device only then and at checkpoints.
+            read back from the device only then, at checkpoints and at the end; nothing else waits for the device
+            (with `mixed_precision="fp16"` the gradient scaler reads its overflow flag at every step; bf16 has no
+            scaler).
         use_ema_weights (`bool`, defaults to `True`): leave `head_model` with the EMA weights at the end (the final
             saved head always has them).
         accelerator (`accelerate.Accelerator`, *optional*): the processes to train on; by default one is built with
@@ -165,6 +167,7 @@ class _Run:
     ema: Any  # diffusers.training_utils.EMAModel of the head's parameters
     images: torch.Tensor  # [N, C, H, W] on the CPU
     alphas_cumprod: torch.Tensor  # [T], float64, on the CPU
+    abar_on_device: torch.Tensor  # [T], the same in float32 on the accelerator's device
     prediction_type: str
     generator: torch.Generator  # this process's stream, on the CPU
     batch_size: int
@@ -216,7 +219,8 @@ def _set_up(head_model, data, scheduler, num_steps, batch_size, lr, ema_decay, e
                 "mixed_precision": accelerator.mixed_precision, "ema_decay": ema_decay, "ema_warmup": ema_warmup}
     return _Run(
         accelerator=accelerator, model=model, head=head, optimizer=optimizer, ema=ema, images=images,
-        alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
+        alphas_cumprod=alphas_cumprod, abar_on_device=alphas_cumprod.to(accelerator.device, torch.float32),
+        prediction_type=prediction_type,
         generator=torch.Generator().manual_seed(seed + 1_000_003 * accelerator.process_index),
         batch_size=batch_size, micro_batches=micro_batches,
         history=torch.zeros(num_steps, device=accelerator.device), settings=settings,
@@ -293,11 +297,12 @@ def _draw_batch(run: _Run) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     device = run.accelerator.device
     index = torch.randint(len(run.images), (run.batch_size,), generator=run.generator)
     t = torch.randint(len(run.alphas_cumprod), (run.batch_size,), generator=run.generator)
-    x0 = run.images[index].to(device)
-    eps = torch.randn(x0.shape, generator=run.generator).to(device)
-    abar = run.alphas_cumprod[t].to(device=device, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    x0 = to_device(run.images[index], device)  # drawn on the host, copied without waiting for the device
+    eps = to_device(torch.randn(x0.shape, generator=run.generator), device)
+    t = to_device(t, device)
+    abar = run.abar_on_device[t].reshape(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    return x_t, t.to(device), eps, abar
+    return x_t, t, eps, abar
 
 
 def _read_losses(run: _Run, until: int) -> List[float]:

@@ -1,11 +1,14 @@
 """The benchmark scripts run in their quick modes, so that they cannot rot (their numbers are not asserted here:
 machine-dependent timings never are)."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +44,43 @@ def test_quality_vs_steps_quick(tmp_path):
 def test_nll_table_and_gamma_throughput_quick(tmp_path):
     assert "Analytic < DDPM beta" in run("nll_table.py", "--quick", cwd=tmp_path)
     run("gamma_throughput.py", "--quick", "--threads", "1", "--repeats", "1", cwd=tmp_path)
+
+
+@pytest.fixture
+def gpu_report(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("gpu_report")
+
+
+def test_gpu_report_quick_writes_the_keys_of_the_full_run(tmp_path, gpu_report):
+    out = run("gpu_report.py", "--quick", "--threads", "1", "--output", str(tmp_path / "g.json"), cwd=tmp_path)
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert gpu_report.key_paths(report) == gpu_report.key_paths(gpu_report.empty_report(gpu_report.FULL))
+    # the first cell of each section is measured, at the quick sizes; the rest is null with a reason
+    cells = report["sampling"]["eager"]["fp32"]["batch_64"]["K_10"]
+    assert all(cell["images_per_s"] > 0 and cell["skipped"] is None for cell in cells.values())
+    assert cells["ddpm"]["ratio_to_ddpm"] == 1.0
+    assert (cells["sn-ddpm"]["batch_size"], cells["sn-ddpm"]["num_inference_steps"]) == (2, 2)
+    untimed = report["sampling"]["compiled"]["bf16"]["batch_256"]["K_50"]["sn-ddpm"]
+    assert untimed["images_per_s"] is None and "quick mode" in untimed["skipped"]
+    assert report["sync_debug"]["analytic-ddpm"]["skipped"].startswith("needs a CUDA device")
+    assert report["estimate_gamma"]["fp32"]["ratio"] > 0 and report["estimate_gamma"]["bf16"]["ratio"] is None
+    assert report["head_training"]["fp32"]["seconds_per_step"] is not None
+    assert report["machine"]["torch"] and report["quick"] and "images/s" in out
+
+
+def test_gpu_report_records_what_the_budget_or_an_error_skips(gpu_report):
+    report = gpu_report.empty_report()
+    run = gpu_report.Run(report, gpu_report.QUICK, {}, None, gpu_report.Budget(0.0), strict=False)
+    cells = report["sampling"]["eager"]["fp32"]["batch_64"]["K_10"]
+    run.attempt(list(cells.values()), 1.0, lambda: pytest.fail("the budget should refuse"))
+    assert cells["ddpm"]["images_per_s"] is None and cells["ddpm"]["skipped"].startswith("time budget")
+    run.budget = gpu_report.Budget(60.0)
+    item = report["estimate_gamma"]["fp16"]
+
+    def fails():
+        item["ratio"] = 2.0
+        raise RuntimeError("CUDA out of memory")
+
+    run.attempt([item], 1.0, fails)
+    assert item["ratio"] is None and item["skipped"] == "error: RuntimeError: CUDA out of memory"

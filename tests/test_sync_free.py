@@ -1,33 +1,18 @@
 """The schedulers never read a tensor back from the accelerator during a sampling loop.
 
-A read-back is a call to `aten._local_scalar_dense` (`.item()`, `int(t)`, `float(t)`, `if tensor:`), `aten.is_nonzero`
-or `aten.item`; on an accelerator each one waits for the device. These ops are dispatched on the CPU too, so a
-`TorchDispatchMode` that counts them proves the property without a GPU. The model call stays outside the counted region.
+A read-back is a call to `aten._local_scalar_dense` (`.item()`, `int(t)`, `float(t)`, `if tensor:`), `aten.is_nonzero`,
+`aten.item`, `aten.nonzero`, `aten.equal`, or `.tolist()` / `.numpy()` / `.cpu()`; on an accelerator each one waits for
+the device. These are dispatched or called on the CPU too, so `helpers.ReadBackCounter` proves the property without a
+GPU. The model call stays outside the counted region.
 """
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from analytic_schedulers import AnalyticDPMScheduler, SNDPMScheduler
+from helpers import ReadBackCounter
 
-READ_BACKS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero, torch.ops.aten.item}
 SHAPE = (2, 1, 4, 4)
-
-
-class ReadBackCounter(TorchDispatchMode):
-    """Counts the ops that read a tensor's value back to the host."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in READ_BACKS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 KINDS = ["analytic-table", "analytic-batch", "sn", "npr"]
 
 
