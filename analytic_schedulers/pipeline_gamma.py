@@ -81,12 +81,11 @@ class PipelineGammaEstimate:
             ValueError: the config's noise schedule is not the table's, or the table is partial and `fill` is unset.
         """
         config = getattr(config, "config", config)
-        defaults: Dict[str, Any] = {}
+        defaults: Dict[str, Any] = self.provenance()
         if self.latent is not None:
-            defaults = {"max_x0_variance": self.max_x0_variance, "clip_sample": config.get("clip_sample", False)}
+            defaults.update(max_x0_variance=self.max_x0_variance, clip_sample=config.get("clip_sample", False))
         scheduler = self.estimate.to_scheduler(config, fill=fill, **{**defaults, **kwargs})
         self.check_schedule(scheduler)
-        scheduler.register_to_config(**self.provenance())
         return scheduler
 
     def check_schedule(self, scheduler) -> None:

@@ -1,5 +1,8 @@
 """Helpers shared by the tests (importable because pytest puts this folder on sys.path)."""
 
+import io
+import logging
+
 import torch
 
 
@@ -10,3 +13,20 @@ def sample_loop(scheduler, model, num_samples, seed=0, shape=(1, 8, 8), **step_k
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
     return x
+
+
+class DiffusersLog:
+    """Captures what diffusers logs (its loggers do not propagate to the root logger)."""
+
+    def __enter__(self):
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        logging.getLogger("diffusers").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("diffusers").removeHandler(self.handler)
+
+    @property
+    def text(self):
+        return self.stream.getvalue()
