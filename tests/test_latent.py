@@ -257,6 +257,20 @@ def test_the_record_is_ordinary_config_keys_of_both_schedulers(sd, tmp_path):
     assert back.config.gamma_conditioning == "prompt" and back.config.gamma_latent == "sample"
 
 
+def test_a_saved_table_goes_into_its_pipeline_with_the_same_checks(sd, ldm, tmp_path):
+    table = estimate_pipeline_gamma(sd, tiny_images(4), prompt="cat", guidance_scale=3.0, generator=0, **FAST)
+    table.to_scheduler(sd.scheduler.config, fill="interpolate", max_x0_variance=2.5).save_pretrained(tmp_path)
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+    scheduler = use_analytic_dpm(sd, loaded, eta=0.0)
+    assert sd.scheduler is scheduler and scheduler.config.max_x0_variance == 2.5 and scheduler.config.eta == 0.0
+    assert scheduler.config.gamma_guidance_scale == 3.0
+    torch.testing.assert_close(scheduler.gamma_table, loaded.gamma_table)
+    with pytest.warns(UserWarning, match="estimated for guidance scale 3"):
+        sd("cat", num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    with pytest.raises(ValueError, match="latent space.*3 channels"):
+        use_analytic_dpm(ldm, loaded)  # 4-channel latents of another model
+
+
 def test_sampling_at_another_guidance_scale_warns_once_per_scale(tmp_path):
     pipe = tiny_stable_diffusion(tmp_path)
     table = estimate_pipeline_gamma(pipe, tiny_images(4), prompt="cat", guidance_scale=3.0,

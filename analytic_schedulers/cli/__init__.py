@@ -80,13 +80,14 @@ def hub_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def load_from_args(args: argparse.Namespace, gamma: bool = True):
-    """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`)."""
+def load_from_args(args: argparse.Namespace, gamma: bool = True, pipeline: bool = False):
+    """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`); with `pipeline`, a pipeline
+    that runs its own `__call__` (a VAE or text encoder) is loaded whole."""
     from ..loading import load
 
     dtype = DTYPES[getattr(args, "dtype", "float32")]
     return load(args.model, args.subfolder, args.scheduler_config, getattr(args, "gamma", None) if gamma else None,
-                torch_dtype=dtype)
+                torch_dtype=dtype, pipeline=pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:
