@@ -135,9 +135,12 @@ def test_stable_diffusion_errors_and_warnings_name_the_fix(sd_dir, tmp_path, cap
     assert "estimated in pixel space" in error and "estimate-gamma --model <pipeline>" in error
     with pytest.warns(UserWarning, match="estimated for guidance scale 3, but the pipeline samples at 5"):
         assert sample_sd(sd_dir, tmp_path / "y.png", "--guidance-scale", "5") == 0
-    assert sample_sd(saved_tiny_stable_diffusion(tmp_path / "plain"), tmp_path / "z.png") == 2
-    assert "estimate-gamma --model <pipeline>" in capsys.readouterr().err  # no table: estimate one, or go data-free
+    plain = saved_tiny_stable_diffusion(tmp_path / "plain")
+    assert sample_sd(plain, tmp_path / "z.png") == 2
+    error = capsys.readouterr().err  # no table: estimate one, or go data-free
+    assert "estimate-gamma --model <pipeline>" in error and "--gamma-from-batch" in error
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "z.png").exists()
+    assert sample_sd(plain, tmp_path / "z.png", "--gamma-from-batch") == 0
 
 
 def test_prompt_on_a_pixel_model_is_refused(model_dir, tmp_path, capsys):
