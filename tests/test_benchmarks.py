@@ -41,3 +41,12 @@ def test_quality_vs_steps_quick(tmp_path):
 def test_nll_table_and_gamma_throughput_quick(tmp_path):
     assert "Analytic < DDPM beta" in run("nll_table.py", "--quick", cwd=tmp_path)
     run("gamma_throughput.py", "--quick", "--threads", "1", "--repeats", "1", cwd=tmp_path)
+
+
+def test_data_free_quick(tmp_path):
+    out = run("data_free.py", "--quick", "--output", str(tmp_path / "d.json"), cwd=tmp_path)
+    results = json.loads((tmp_path / "d.json").read_text())
+    summary = {(e["metric"], e["sampler"]) for e in results["summary"]}
+    assert summary == {("fid", "analytic-ddpm"), ("fid", "analytic-ddim"), ("nll_bpd", "analytic-ddpm")}
+    assert {r["route"] for r in results["rows"]} == {"table", "batch"} and "batch - table" in out
+    assert all(r["cpu_seconds"] > 0 for r in results["rows"])
