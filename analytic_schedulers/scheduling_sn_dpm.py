@@ -89,18 +89,10 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
             check is kept on the device and read once, at the last step (one synchronisation per sampling loop,
             where a pipeline waits for the result anyway); `False` skips it and the sampling loop never reads the
             accelerator.
-        gamma_guidance_scale (`float`, *optional*): what the table was estimated for (written by
-            `PipelineGammaEstimate.to_scheduler` and `analytic-schedulers estimate-gamma`): the guidance scale `s`
-            of the prediction `eps_u + s (eps_c - eps_u)` whose Gamma it is; `None` when the table does not depend
-            on one. `use_analytic_dpm` warns when the pipeline samples at another scale.
-        gamma_conditioning (`str`, *optional*): what that prediction was conditioned on: `"captions"` (one per
-            image), `"prompt"` (one for all), `"empty"` (the empty prompt), or `None` (an unconditional model, or
-            not recorded).
-        gamma_sample_shape (`List[int]`, *optional*): the shape `[C, H, W]` of the denoiser inputs the table was
-            estimated on (latents or pixels); the step refuses samples with another channel count (a check of host
-            metadata, free).
-        gamma_latent (`str`, *optional*): how images were encoded for a latent table, `"sample"`, `"mean"` or
-            `"deterministic"`; `None` for pixels (or not recorded, when `gamma_sample_shape` is `None` too).
+        gamma_guidance_scale (`float`, *optional*), gamma_conditioning (`str`, *optional*),
+        gamma_sample_shape (`List[int]`, *optional*), gamma_latent (`str`, *optional*): what `gamma` was estimated
+            for, as in `AnalyticDPMScheduler` (the step refuses samples of other channels than a table's); kept so
+            that a config passes between the two schedulers unchanged.
     """
 
     __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
