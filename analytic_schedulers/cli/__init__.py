@@ -90,6 +90,16 @@ def load_from_args(args: argparse.Namespace, gamma: bool = True, pipeline: bool 
                 torch_dtype=dtype, pipeline=pipeline)
 
 
+def refuse_own_call_pipeline(args: argparse.Namespace, reason: str) -> None:
+    """Raises `CommandError` for a `--model` pipeline with a VAE or text encoder (no `--subfolder`), which a command
+    working on a denoiser of pixels cannot serve; `reason` says why and what works instead."""
+    from ..loading import is_own_call_pipeline
+
+    if args.subfolder is None and is_own_call_pipeline(args.model):
+        raise CommandError(f"{args.model} is a pipeline with a VAE or text encoder: its denoiser sees latents (and "
+                           f"prompts). {reason}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
