@@ -78,8 +78,10 @@ def add_parser(subparsers) -> None:
 
 
 def _clip_value(text: str):
-    if text.lower() in ("none", "auto"):
-        return None if text.lower() == "none" else "auto"
+    if text.lower() == "none":
+        return None
+    if text.lower() == "auto":  # the argparse default, resolved by what the model is
+        return "auto"
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("Y must be positive, or 'none'")
