@@ -548,8 +548,7 @@ class ReverseVarianceSchedulerMixin:
         abar_s = self._abar_list[s] if s >= 0 else self._final_abar
 
         # 2. model output -> eps_hat, x0_hat (math in float32 or better, whatever the model's dtype)
-        if self._gamma_channels is not None and sample.ndim > 1 and sample.shape[1] != self._gamma_channels:
-            self._raise_channel_mismatch(sample)
+        self._check_table_channels(sample)
         compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x_t = sample.to(compute_dtype)
         output, extra = self._split_model_output(model_output, sample)
@@ -592,7 +591,10 @@ class ReverseVarianceSchedulerMixin:
             mean = rs.ddim_mean(x0_hat, eps_hat, abar_s, lambda_sq)
         return ReverseStepDistribution(mean, variance, x0_hat, eps_hat, s)
 
-    def _raise_channel_mismatch(self, sample: torch.Tensor) -> None:
+    def _check_table_channels(self, sample: torch.Tensor) -> None:
+        """Refuses a sample of other channels than the table's `gamma_sample_shape` (host metadata: no sync)."""
+        if self._gamma_channels is None or sample.ndim < 2 or sample.shape[1] == self._gamma_channels:
+            return
         config = self.config
         inputs = "pixels" if config.gamma_latent is None else "latents"
         raise ValueError(
