@@ -10,8 +10,10 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (looked up here 
 
 from .gamma import GammaEstimate, GammaSums, estimate_gamma
 from .gaussian import GaussianDataModel
+from .latent import encode_images, estimate_pipeline_gamma
 from .likelihood import NELBOTerms, dataset_nll_bits_per_dim, nelbo_terms_bpd, nll_bits_per_dim
 from .noise_square_head import NoiseSquareHead, NoiseSquareHeadModel, load_head_model
+from .pipeline_gamma import PipelineGammaEstimate, use_analytic_dpm
 from .scheduling_analytic_dpm import AnalyticDPMScheduler, AnalyticDPMSchedulerOutput
 from .scheduling_base import ReverseStepDistribution, ReverseStepOutput
 from .scheduling_sn_dpm import SNDPMScheduler, SNDPMSchedulerOutput
@@ -29,11 +31,14 @@ __all__ = [
     "NELBOTerms",
     "NoiseSquareHead",
     "NoiseSquareHeadModel",
+    "PipelineGammaEstimate",
     "ReverseStepDistribution",
     "ReverseStepOutput",
     "SNDPMScheduler",
     "SNDPMSchedulerOutput",
     "dataset_nll_bits_per_dim",
+    "encode_images",
+    "estimate_pipeline_gamma",
     "estimate_gamma",
     "load_head_model",
     "nelbo_terms_bpd",
@@ -41,4 +46,5 @@ __all__ = [
     "optimal_trajectory",
     "step_cost_matrix",
     "train_noise_square_head",
+    "use_analytic_dpm",
 ]

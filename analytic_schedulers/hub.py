@@ -50,7 +50,8 @@ def write_gamma_folder(folder: Union[str, os.PathLike], estimate, scheduler_conf
 
     Args:
         folder: where to write (created if needed).
-        estimate (`GammaEstimate`): the estimate.
+        estimate (`GammaEstimate` or `PipelineGammaEstimate`): the estimate; a `PipelineGammaEstimate` also records
+            what it was estimated for in the config (`gamma_sample_shape`, `gamma_guidance_scale`, ...).
         scheduler_config: the model's own scheduler config (betas, spacing, prediction type).
         settings (`dict`, *optional*): how the estimate was made (`model`, `data`, `num_samples`, `seed`,
             `timesteps`, ...), kept in `gamma_estimate.json` and shown on the card.
@@ -65,7 +66,8 @@ def write_gamma_folder(folder: Union[str, os.PathLike], estimate, scheduler_conf
     folder.mkdir(parents=True, exist_ok=True)
     table_fill = None if estimate.is_complete else fill
     scheduler = estimate.to_scheduler(scheduler_config, fill=table_fill)
-    estimate.save(folder / GAMMA_ESTIMATE, extra={"settings": settings or {}, "fill": table_fill})
+    sums = getattr(estimate, "estimate", estimate)  # the `GammaEstimate` of a `PipelineGammaEstimate`
+    sums.save(folder / GAMMA_ESTIMATE, extra={"settings": settings or {}, "fill": table_fill})
     write_text_atomically(folder / SCHEDULER_CONFIG, scheduler.to_json_string())
     write_text_atomically(folder / CARD, gamma_card(folder))
     return scheduler
@@ -92,6 +94,7 @@ def gamma_card(folder: Union[str, os.PathLike]) -> str:
         "largest standard error of Gamma_t": f"{max(stderr):.3g}" if stderr else "unknown",
         "schedule": f"{config.get('beta_schedule')}, beta {config.get('beta_start')}..{config.get('beta_end')}, "
                     f"T = {T}, {config.get('prediction_type')}",
+        **_record_rows(config, settings),
         "package": f"analytic-schedulers {_version()}",
     }
     return _card(
@@ -101,9 +104,32 @@ def gamma_card(folder: Union[str, os.PathLike]) -> str:
               "estimated by Monte Carlo: the optimal reverse variance of every step follows from it.",
         rows=rows,
         usage=("import analytic_schedulers  # before diffusers loads anything of this package\n"
-               "from analytic_schedulers import AnalyticDPMScheduler\n\n"
-               f"pipe.scheduler = AnalyticDPMScheduler.from_pretrained(REPO_ID, subfolder={GAMMA_PATH_IN_REPO!r})"),
+               "from analytic_schedulers import AnalyticDPMScheduler, use_analytic_dpm\n\n"
+               f"table = AnalyticDPMScheduler.from_pretrained(REPO_ID, subfolder={GAMMA_PATH_IN_REPO!r})\n"
+               "use_analytic_dpm(pipe, table)  # checks it fits the pipeline; or: pipe.scheduler = table"),
     )
+
+
+def _record_rows(config: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, str]:
+    """The card's rows on what the table was estimated for, when its config records it: the denoiser's inputs,
+    their encoding, the conditioning and the guidance scale."""
+    shape = config.get("gamma_sample_shape")
+    if shape is None:
+        return {}
+    latent = config.get("gamma_latent")
+    encodings = {"sample": "a draw from the VAE posterior", "mean": "the VAE posterior mean",
+                 "deterministic": "the deterministic encoder"}
+    rows = {"inputs": f"pixels {shape}" if latent is None else
+            f"latents {shape} ({encodings[latent]}), bound max_x0_variance = {config.get('max_x0_variance'):.4g}"}
+    conditioning = config.get("gamma_conditioning")
+    if conditioning is not None:
+        described = {"captions": f"one caption per image ({settings.get('captions', 'a captions file')})",
+                     "prompt": f"the prompt {settings.get('prompt')!r}", "empty": "the empty prompt"}
+        rows["conditioning"] = described[conditioning]
+        scale = config.get("gamma_guidance_scale")
+        rows["guidance scale"] = "none (the empty prompt's prediction)" if scale is None else (
+            f"{scale:g}: sample at this scale (another scale warns)")
+    return rows
 
 
 def head_card(folder: Union[str, os.PathLike], base_model: Optional[str] = None) -> str:

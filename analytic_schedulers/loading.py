@@ -8,6 +8,9 @@ folders this package looks for:
   `analytic-schedulers estimate-gamma` writes),
 - `sn_head/`, `npr_head/`: trained noise-square heads (`NoiseSquareHead` folders), composed with `unet/` at load time.
 
+A pipeline with a VAE or a text encoder (`LDMPipeline`, Stable Diffusion) is loaded whole (`load(...,
+pipeline=True)`): only its own `__call__` knows how to encode prompts and decode latents.
+
 Every command, example and benchmark loads through these functions, so the same bad location gives the same error
 everywhere (`LoadError`, a `ValueError` whose message ends with the fix).
 """
@@ -15,6 +18,7 @@ everywhere (`LoadError`, a `ValueError` whose message ends with the fix).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -25,13 +29,15 @@ HEAD_SUBFOLDERS = {"sn": "sn_head", "npr": "npr_head"}
 MODEL_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 PIPELINE_INDEX = "model_index.json"
+#: Components that make a pipeline run its own `__call__`: latents to decode, prompts to encode.
+OWN_CALL_COMPONENTS = ("vae", "vqvae", "text_encoder")
 
 MODEL_HELP = ("Pass a diffusers pipeline folder (with model_index.json and unet/), a model folder (config.json and "
               "weights), or a Hub id such as google/ddpm-cifar10-32.")
 
 __all__ = [
-    "BUNDLED_MODEL", "LoadError", "LoadedModel", "load", "load_gamma", "load_head", "load_model",
-    "load_scheduler_config", "model_location",
+    "BUNDLED_MODEL", "LoadError", "LoadedModel", "is_own_call_pipeline", "load", "load_gamma", "load_gamma_config",
+    "load_head", "load_model", "load_pipeline", "load_scheduler_config", "model_location",
 ]
 
 
@@ -80,9 +86,10 @@ def has_file(location: str, subfolder: Optional[str], filename: str) -> bool:
 
 def read_config(location: str, subfolder: Optional[str], filename: str = MODEL_CONFIG) -> Optional[Dict[str, Any]]:
     """The JSON config `subfolder/filename` of a folder or Hub id, or `None` when there is none."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 
-    reader = DDPMScheduler if filename == SCHEDULER_CONFIG else UNet2DModel  # `load_config` reads any such file
+    # `load_config` reads the file its class names, of any content
+    reader = {SCHEDULER_CONFIG: DDPMScheduler, PIPELINE_INDEX: DiffusionPipeline}.get(filename, UNet2DModel)
     if _is_local(location) and not (Path(location) / (subfolder or "") / filename).is_file():
         return None
     try:
@@ -148,6 +155,31 @@ def load_model(model: Optional[str] = None, subfolder: Optional[str] = None, tor
     return network.eval(), subfolder
 
 
+def is_own_call_pipeline(model: Optional[str]) -> bool:
+    """Whether `model` is a pipeline (`model_index.json`) with a VAE or a text encoder, whose own `__call__` must
+    run: this package's sampling loop drives a bare denoiser in pixel space only."""
+    index = read_config(model_location(model), None, PIPELINE_INDEX)
+    if index is None:
+        return False
+    return any(isinstance(index.get(name), (list, tuple)) and index[name][0] is not None
+               for name in OWN_CALL_COMPONENTS)
+
+
+def load_pipeline(model: Optional[str], torch_dtype=None):
+    """The whole `DiffusionPipeline` of a folder or Hub id (this package's components included), progress bars off."""
+    from diffusers import DiffusionPipeline
+
+    location = model_location(model)
+    try:
+        with warnings.catch_warnings():  # newer diffusers name it `dtype`; `torch_dtype` works in every version
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype)
+    except (OSError, ValueError, TypeError) as error:
+        raise _hub_error(location, None, error) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_scheduler_config(model: Optional[str] = None, scheduler: Optional[str] = None,
                           subfolder: Optional[str] = None) -> Dict[str, Any]:
     """
@@ -180,14 +212,19 @@ def load_gamma(source: Optional[str] = None, model: Optional[str] = None) -> Opt
     `analytic_scheduler/`). With `source=None`, the model's own `analytic_scheduler/`, or `None` when it has none.
     """
     config = load_gamma_config(source, model)
-    return None if config is None else config["gamma"]
+    return None if config is None else config.get("gamma")
 
 
 def load_gamma_config(source: Optional[str] = None, model: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """The scheduler config holding the Gamma table (see `load_gamma`): the table and the schedule it belongs to."""
+    """
+    The whole scheduler config of a Gamma table (as `load_gamma` finds it): the table with what it was estimated for
+    (`gamma_sample_shape`, `gamma_guidance_scale`, ..., `max_x0_variance`), for
+    `use_analytic_dpm(pipe, AnalyticDPMScheduler.from_config(config))`. `None` when `source` is `None` and the
+    model has no `analytic_scheduler/`.
+    """
     if source is None:
         config = read_config(model_location(model), GAMMA_SUBFOLDER, SCHEDULER_CONFIG)
-        return config if config is not None and config.get("gamma") is not None else None
+        return None if config is None or config.get("gamma") is None else config
     location = model_location(source)
     config = read_config(location, None, SCHEDULER_CONFIG) or read_config(location, GAMMA_SUBFOLDER, SCHEDULER_CONFIG)
     if config is None:
@@ -204,13 +241,15 @@ def check_same_schedule(table_config: Dict[str, Any], model_config: Dict[str, An
     Refuses a Gamma table estimated under another noise schedule than the model's: the table is `E||eps||^2 / d`
     at each `abar_t`, so on other `abar_t` it is a different model's table.
     """
+    from .pipeline_gamma import check_same_schedule as same_schedule
     from .schedule import alphas_cumprod_float64
     from .scheduling_analytic_dpm import AnalyticDPMScheduler
 
-    schedule = lambda config: alphas_cumprod_float64(  # noqa: E731
-        AnalyticDPMScheduler.from_config({k: v for k, v in config.items() if k != "gamma"}))
-    table, model = schedule(table_config), schedule(model_config)
-    if table.shape != model.shape or not bool((table - model).abs().max() <= 1e-9):
+    schedule = lambda config: AnalyticDPMScheduler.from_config(  # noqa: E731
+        {k: v for k, v in config.items() if k != "gamma"})
+    try:
+        same_schedule(alphas_cumprod_float64(schedule(table_config)), schedule(model_config))
+    except ValueError:
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "rescale_betas_zero_snr")
         differ = {k: (table_config.get(k), model_config.get(k)) for k in keys
                   if table_config.get(k) != model_config.get(k)}
@@ -218,7 +257,7 @@ def check_same_schedule(table_config: Dict[str, Any], model_config: Dict[str, An
             f"The Gamma table at {where} was estimated under another noise schedule than the model's "
             f"({differ or 'trained_betas differ'}; table vs model): it does not apply. Estimate one for this model "
             "with `analytic-schedulers estimate-gamma --model <model> --data <images> --output <folder>`."
-        )
+        ) from None
 
 
 def load_head(unet, covariance_type: str, head: Optional[str] = None, model: Optional[str] = None):
@@ -256,7 +295,9 @@ def load_head(unet, covariance_type: str, head: Optional[str] = None, model: Opt
 
 @dataclass
 class LoadedModel:
-    """A denoising model with its schedule, Gamma table and (lazily) heads, as `load` found them."""
+    """A denoising model with its schedule, Gamma table and (lazily) heads, as `load` found them; for a pipeline
+    that runs its own `__call__`, the whole `pipeline` too (`unet` is then its denoiser, `gamma_config` the table's
+    scheduler config with its record)."""
 
     unet: Any
     scheduler_config: Dict[str, Any]
@@ -265,6 +306,8 @@ class LoadedModel:
     subfolder: Optional[str]
     name: str
     _heads: Dict[Tuple[str, Optional[str]], Any] = field(default_factory=dict, repr=False)
+    pipeline: Any = None
+    gamma_config: Optional[Dict[str, Any]] = None
 
     def head_model(self, covariance_type: str, head: Optional[str] = None):
         """The model with its `covariance_type` head (see `load_head`), or `None` when there is none."""
@@ -296,16 +339,45 @@ class LoadedModel:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return int(config["in_channels"]), int(height), int(width)
 
+    @property
+    def vae(self):
+        """The pipeline's `vae` (or `vqvae`), `None` for a model that denoises pixels."""
+        for name in ("vae", "vqvae"):
+            component = getattr(self.pipeline, name, None)
+            if component is not None:
+                return component
+        return None
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        """`(C, H, W)` of one image: the denoiser's sample, or for a latent pipeline what its VAE decodes it to."""
+        if self.vae is None:
+            return self.sample_shape
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        _, height, width = self.sample_shape
+        return int(self.vae.config.in_channels), height * factor, width * factor
+
 
 def load(model: Optional[str] = None, subfolder: Optional[str] = None, scheduler: Optional[str] = None,
-         gamma: Optional[str] = None, torch_dtype=None) -> LoadedModel:
-    """The model, its scheduler config and its Gamma table (`load_model`, `load_scheduler_config`, `load_gamma`)."""
+         gamma: Optional[str] = None, torch_dtype=None, pipeline: bool = False) -> LoadedModel:
+    """
+    The model, its scheduler config and its Gamma table (`load_model`, `load_scheduler_config`,
+    `load_gamma_config`). With `pipeline=True`, a pipeline that runs its own `__call__` (`is_own_call_pipeline`,
+    no `subfolder` given) is loaded whole (`load_pipeline`), its `unet` being the model.
+    """
     location = model_location(model)
+    name = model if model is not None else f"bundled {BUNDLED_MODEL.name}"
+    table = load_gamma_config(gamma, location)
+    table_gamma = None if table is None else table["gamma"]
+    where = repr(gamma or f"{location}/{GAMMA_SUBFOLDER}")
+    if pipeline and subfolder is None and is_own_call_pipeline(location):
+        pipe = load_pipeline(location, torch_dtype)
+        config = load_scheduler_config(location, scheduler) if scheduler else dict(pipe.scheduler.config)
+        if table is not None:
+            check_same_schedule(table, config, where)
+        return LoadedModel(pipe.unet, config, table_gamma, location, "unet", name, pipeline=pipe, gamma_config=table)
     unet, subfolder = load_model(location, subfolder, torch_dtype=torch_dtype)
     config = load_scheduler_config(location, scheduler, subfolder)
-    name = model if model is not None else f"bundled {BUNDLED_MODEL.name}"
-    table_config = load_gamma_config(gamma, location)
-    if table_config is not None:
-        check_same_schedule(table_config, config, repr(gamma or f"{location}/{GAMMA_SUBFOLDER}"))
-    return LoadedModel(unet, config, None if table_config is None else table_config["gamma"], location, subfolder,
-                       name)
+    if table is not None:
+        check_same_schedule(table, config, where)
+    return LoadedModel(unet, config, table_gamma, location, subfolder, name, gamma_config=table)

@@ -1,17 +1,18 @@
-"""The noise-square head of SN-DPM / NPR-DPM and its composition with a frozen noise-prediction `UNet2DModel`.
+"""The noise-square head of SN-DPM / NPR-DPM and its composition with a frozen noise-prediction UNet.
 
 SN-DPM / NPR-DPM (Bao et al., ICML 2022) keep the pretrained noise network frozen and add a head on its last feature
 map, the input of the output normalisation (`unet.conv_norm_out`): GroupNorm -> SiLU -> 3x3 conv to C channels, the
 conv zero-initialised, optionally after one time-conditioned ResBlock. The head outputs `h ~ E[eps^2 | x_t]` (`"sn"`)
-or `h ~ E[(eps - eps_hat)^2 | x_t]` (`"npr"`) per dimension.
+or `h ~ E[(eps - eps_hat)^2 | x_t]` (`"npr"`) per dimension. The backbone is a `UNet2DModel` (pixel or latent
+diffusion) or a `UNet2DConditionModel` (Stable Diffusion 1/2): both end in `conv_norm_out -> conv_act -> conv_out`.
 
 - `NoiseSquareHead` is the trainable part alone. Its folder (`save_pretrained`) holds `config.json` and
   `diffusion_pytorch_model.safetensors` with the head's weights only (about 2 KB): a model folder keeps it beside its
   `unet/` as `sn_head/` or `npr_head/`, and `load_head_model(folder, unet, subfolder="sn_head")` composes the two.
-- `NoiseSquareHeadModel` is backbone + head, `forward(sample, timestep).sample = cat([eps_hat, h], dim=1)` (2C
+- `NoiseSquareHeadModel` is backbone + head, `forward(sample, timestep, ...).sample = cat([eps_hat, h], dim=1)` (2C
   channels), what `SNDPMScheduler` consumes. Its config holds both configs, so diffusers' own `save_pretrained` /
   `from_pretrained` write and read it as one model (one safetensors file, `unet.*` and `head.*` keys), also as the
-  `unet` of a pipeline.
+  `unet` of a pipeline (it passes the pipeline's conditioning on to the backbone).
 
 Folders written by analytic-schedulers 0.1 (a `NoiseSquareHeadModel` config with `backbone_path` /
 `backbone_subfolder` and the head's weights keyed `head.*`) still load, with either loader.
@@ -28,7 +29,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
@@ -42,6 +43,10 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 # softplus(0 + SOFTPLUS_SHIFT) = 1: the zero-initialised head starts at h = 1 = E[eps^2]
 SOFTPLUS_SHIFT = math.log(math.e - 1.0)
+
+BACKBONES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
+# backbone config entries that pipelines read from `pipe.unet.config`, recorded in the head model's config
+PIPELINE_KEYS = ("in_channels", "sample_size", "time_cond_proj_dim")
 
 # the Hub options of diffusers' loaders, and those of `huggingface_hub.hf_hub_download` among them
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
@@ -111,7 +116,7 @@ class NoiseSquareHead(ModelMixin, ConfigMixin):
     @classmethod
     def for_backbone(
         cls,
-        unet: UNet2DModel,
+        unet: Union[UNet2DModel, UNet2DConditionModel],
         covariance_type: str = "sn",
         resblock: bool = False,
         output_activation: str = "softplus",
@@ -121,7 +126,7 @@ class NoiseSquareHead(ModelMixin, ConfigMixin):
         epsilon) and, with `resblock`, its time embedding.
 
         Args:
-            unet (`UNet2DModel`): the backbone the head will sit on.
+            unet (`UNet2DModel` or `UNet2DConditionModel`): the backbone the head will sit on.
             covariance_type (`str`, defaults to `"sn"`): `"sn"` or `"npr"`.
             resblock (`bool`, defaults to `False`): add one ResBlock before the output layers.
             output_activation (`str`, defaults to `"softplus"`): `"softplus"` or `"identity"`.
@@ -129,9 +134,7 @@ class NoiseSquareHead(ModelMixin, ConfigMixin):
         Returns:
             `NoiseSquareHead` on the CPU in float32 (composing it with the backbone moves it to the backbone's).
         """
-        if not isinstance(unet, UNet2DModel):
-            raise TypeError(f"The backbone must be a diffusers `UNet2DModel`, got {type(unet).__name__}.")
-        norm = unet.conv_norm_out
+        norm = _output_norm(unet)
         return cls(
             in_channels=unet.config.in_channels,
             feature_channels=norm.num_channels,
@@ -162,10 +165,20 @@ class NoiseSquareHead(ModelMixin, ConfigMixin):
 
 class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
     """
-    A pretrained `UNet2DModel` (frozen) with a noise-square head: `forward(sample, timestep)` returns a
-    `UNet2DOutput` whose `.sample` is `cat([eps_hat, h], dim=1)` (2C channels), `eps_hat` bit for bit the backbone's
-    output. Use it with `SNDPMScheduler` in any pipeline that drives a `UNet2DModel`, e.g.
-    `DDPMPipeline(unet=head_model, scheduler=SNDPMScheduler.from_config(scheduler.config))`.
+    A pretrained `UNet2DModel` or `UNet2DConditionModel` (frozen) with a noise-square head: `forward(sample,
+    timestep, ...)` returns the backbone's output class whose `.sample` is `cat([eps_hat, h], dim=1)` (2C channels),
+    `eps_hat` bit for bit the backbone's output. Use it with `SNDPMScheduler` as the `unet` of any pipeline that
+    drives such a backbone, e.g. `DDPMPipeline(unet=head_model, scheduler=SNDPMScheduler.from_config(
+    scheduler.config))`, or `pipe.unet = NoiseSquareHeadModel(unet=pipe.unet, head=head)` in Stable Diffusion: the
+    pipeline's conditioning (`encoder_hidden_states`, `timestep_cond`, `cross_attention_kwargs`,
+    `added_cond_kwargs`) goes to the backbone, and the backbone's `in_channels`, `sample_size` and
+    `time_cond_proj_dim` are in this model's config, where pipelines read them.
+
+    Under classifier-free guidance a pipeline combines the whole output of its two branches,
+    `out_u + s (out_c - out_u)`, so the scheduler gets the guided `eps_hat` and `h_u + s (h_c - h_u)`: the
+    per-dimension variance of a guided prediction is not identifiable from the two heads, and this linear combination
+    is an approximation (see `docs/method.md`, "SN/NPR under guidance"). `guidance_rescale > 0` rescales `h` with
+    `eps_hat`: keep it at 0 with a head.
 
     Build it with `NoiseSquareHeadModel.from_unet(unet, covariance_type="sn")` (or `NoiseSquareHeadModel(unet=unet,
     head=head)`), train the head with `train_noise_square_head`, compose a saved head with
@@ -175,14 +188,16 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
     dtype.
 
     Args:
-        unet (`UNet2DModel`, *optional*): the backbone; it must predict `epsilon` (or `v`/`x_0`, see the scheduler)
-            with C output channels, or 2C for a learned-variance model, whose first C channels are used.
+        unet (`UNet2DModel` or `UNet2DConditionModel`, *optional*): the backbone; it must predict `epsilon` (or
+            `v`/`x_0`, see the scheduler) with C output channels, or 2C for a learned-variance model, whose first C
+            channels are used.
         head (`NoiseSquareHead`, *optional*): the head, sized for the backbone (`NoiseSquareHead.for_backbone`).
         unet_config (`dict`, *optional*): the backbone's config (with `_class_name`), to build it when `unet` is
             `None`, as `from_pretrained` does.
         head_config (`dict`, *optional*): the head's config, to build it when `head` is `None`.
-        in_channels (`int`, *optional*), sample_size (`int`, *optional*): recorded from the backbone for pipelines
-            (which read `unet.config.in_channels` and `sample_size`); when given they must match it.
+        in_channels (`int`, *optional*), sample_size (`int`, *optional*), time_cond_proj_dim (`int`, *optional*):
+            recorded from the backbone for pipelines (which read them from `unet.config`); when given they must
+            match it.
     """
 
     __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
@@ -195,14 +210,16 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         head_config: Optional[Dict[str, Any]] = None,
         in_channels: Optional[int] = None,
         sample_size: Optional[Union[int, Tuple[int, int]]] = None,
+        time_cond_proj_dim: Optional[int] = None,
     ):
         super().__init__()
         unet = unet if unet is not None else _backbone_from_config(unet_config)
         head = head if head is not None else _head_from_config(head_config)
         problems = _incompatibilities(unet, head)
-        for name, value in (("in_channels", in_channels), ("sample_size", sample_size)):
-            if value is not None and json.dumps(value) != json.dumps(unet.config[name]):
-                problems.append(f"{name} {value} recorded, the backbone's is {unet.config[name]}")
+        recorded = dict(in_channels=in_channels, sample_size=sample_size, time_cond_proj_dim=time_cond_proj_dim)
+        for name, value in recorded.items():
+            if value is not None and json.dumps(value) != json.dumps(unet.config.get(name)):
+                problems.append(f"{name} {value} recorded, the backbone's is {unet.config.get(name)}")
         if problems:
             raise ValueError("This head was trained on another backbone: " + "; ".join(problems) + ". Compose it "
                              "with the backbone it was trained on.")
@@ -211,22 +228,22 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         self.unet = unet
         self.head = head.to(next(unet.parameters()))  # the backbone's device and dtype
         self.register_to_config(unet_config=_config_dict(unet), head_config=_config_dict(head),
-                                in_channels=unet.config.in_channels, sample_size=unet.config.sample_size)
+                                **{name: unet.config.get(name) for name in PIPELINE_KEYS})
 
     @classmethod
     def from_unet(
         cls,
-        unet: UNet2DModel,
+        unet: Union[UNet2DModel, UNet2DConditionModel],
         covariance_type: str = "sn",
         resblock: bool = False,
         output_activation: str = "softplus",
     ) -> "NoiseSquareHeadModel":
         """
-        Wraps a pretrained noise-prediction `UNet2DModel` with a new, zero-initialised head
-        (`NoiseSquareHead.for_backbone`).
+        Wraps a pretrained noise-prediction `UNet2DModel` or `UNet2DConditionModel` with a new, zero-initialised
+        head (`NoiseSquareHead.for_backbone`).
 
         Args:
-            unet (`UNet2DModel`): the backbone, frozen by this call.
+            unet (`UNet2DModel` or `UNet2DConditionModel`): the backbone, frozen by this call.
             covariance_type (`str`, defaults to `"sn"`): `"sn"` or `"npr"`.
             resblock (`bool`, defaults to `False`): add one ResBlock before the output layers.
             output_activation (`str`, defaults to `"softplus"`): `"softplus"` or `"identity"`.
@@ -252,7 +269,7 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         self,
         sample: torch.Tensor,
         timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.Tensor] = None,
+        *args,
         return_dict: bool = True,
         **kwargs,
     ) -> Union[UNet2DOutput, Tuple]:
@@ -260,12 +277,14 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         Args:
             sample (`torch.Tensor`): the noisy sample `x_t`, `(batch, C, height, width)`.
             timestep (`torch.Tensor`, `float` or `int`): the timestep(s) `t`.
-            class_labels (`torch.Tensor`, *optional*): passed to a class-conditional backbone.
-            return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` instead of a tuple.
-            kwargs: passed to the backbone.
+            args, kwargs: passed to the backbone as they come: `class_labels` for a `UNet2DModel`;
+                `encoder_hidden_states`, `timestep_cond`, `cross_attention_kwargs`, `added_cond_kwargs`, ... for a
+                `UNet2DConditionModel`, as Stable Diffusion pipelines pass them.
+            return_dict (`bool`, defaults to `True`): return the backbone's output class (`UNet2DOutput`,
+                `UNet2DConditionOutput`) instead of a tuple.
 
         Returns:
-            `UNet2DOutput` (or a 1-tuple) with `sample = cat([eps_hat, h], dim=1)`, 2C channels.
+            The backbone's output class (or a 1-tuple) with `sample = cat([eps_hat, h], dim=1)`, 2C channels.
         """
         captured = {}
 
@@ -280,22 +299,23 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         if self.head.config.resblock:
             hooks.append(self.unet.time_embedding.register_forward_hook(keep_temb))
         try:
-            eps = self.unet(sample, timestep, class_labels=class_labels, **kwargs).sample
+            output = self.unet(sample, timestep, *args, return_dict=True, **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
-        C = self.head.config.in_channels
+        C, eps = self.head.config.in_channels, output.sample
         if eps.shape[1] == 2 * C:  # a learned-variance backbone: its first C channels are eps
             eps = eps.split(C, dim=1)[0]
         features = captured["features"].to(self.head.conv.weight.dtype)
         temb = captured.get("temb")
         h = self.head(features, None if temb is None else temb.to(features.dtype)).to(eps.dtype)
         out = torch.cat([eps, h], dim=1)
-        return UNet2DOutput(sample=out) if return_dict else (out,)
+        return type(output)(sample=out) if return_dict else (out,)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike],
-                        unet: Optional[UNet2DModel] = None, **kwargs) -> "NoiseSquareHeadModel":
+                        unet: Optional[Union[UNet2DModel, UNet2DConditionModel]] = None,
+                        **kwargs) -> "NoiseSquareHeadModel":
         """
         Loads a `NoiseSquareHeadModel` saved with `save_pretrained` (diffusers' `ModelMixin.from_pretrained`, all
         its options). Also reads a `NoiseSquareHead` folder composed with `unet`, and folders written by
@@ -303,8 +323,8 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a Hub id or folder.
-            unet (`UNet2DModel`, *optional*): the backbone for a `NoiseSquareHead` folder or an old head folder;
-                a saved `NoiseSquareHeadModel` holds its own.
+            unet (`UNet2DModel` or `UNet2DConditionModel`, *optional*): the backbone for a `NoiseSquareHead`
+                folder or an old head folder; a saved `NoiseSquareHeadModel` holds its own.
             kwargs: as for `ModelMixin.from_pretrained` (`subfolder`, `torch_dtype`, Hub options, ...).
 
         Returns:
@@ -321,14 +341,14 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if is_head_folder and unet is None:
             raise ValueError(f"{pretrained_model_name_or_path} holds a NoiseSquareHead alone: pass its backbone, "
-                             "`from_pretrained(path, unet=UNet2DModel.from_pretrained(...))`, or use "
+                             "`from_pretrained(path, unet=pipe.unet)`, or use "
                              "`load_head_model(path, unet)`.")
         model = load_head_model(pretrained_model_name_or_path, unet, subfolder=subfolder, **hub_kwargs)
         torch_dtype = kwargs.get("torch_dtype")
         return model.to(torch_dtype) if torch_dtype is not None else model
 
 
-def load_head_model(location: Union[str, os.PathLike], unet: Optional[UNet2DModel], subfolder: Optional[str] = None,
+def load_head_model(location: Union[str, os.PathLike], unet, subfolder: Optional[str] = None,
                     **hub_kwargs) -> NoiseSquareHeadModel:
     """
     Composes a saved head with its backbone: `NoiseSquareHeadModel(unet=unet, head=NoiseSquareHead.from_pretrained(
@@ -337,8 +357,9 @@ def load_head_model(location: Union[str, os.PathLike], unet: Optional[UNet2DMode
     Args:
         location (`str` or `os.PathLike`): a folder or Hub id holding the head, e.g. a model folder with
             `subfolder="sn_head"`.
-        unet (`UNet2DModel`): the backbone the head was trained on. Only a folder written by analytic-schedulers 0.1
-            may leave it `None`: its backbone is then loaded from the reference in its config.
+        unet (`UNet2DModel` or `UNet2DConditionModel`): the backbone the head was trained on. Only a folder written
+            by analytic-schedulers 0.1 may leave it `None`: its backbone is then loaded from the reference in its
+            config.
         subfolder (`str`, *optional*): the head's subfolder of `location`.
         hub_kwargs: Hub options (`cache_dir`, `force_download`, `proxies`, `local_files_only`, `token`,
             `revision`).
@@ -375,12 +396,23 @@ def _config_dict(model: ConfigMixin) -> Dict[str, Any]:
     return {"_class_name": type(model).__name__, **public}
 
 
-def _backbone_from_config(config: Optional[Dict[str, Any]]) -> UNet2DModel:
+def _backbone_from_config(config: Optional[Dict[str, Any]]):
     if config is None:
         raise ValueError("A NoiseSquareHeadModel needs its backbone: pass `unet=` (or `unet_config=`).")
-    if config.get("_class_name", UNet2DModel.__name__) != UNet2DModel.__name__:
-        raise ValueError(f"The backbone must be a UNet2DModel, the config describes a {config['_class_name']!r}.")
-    return UNet2DModel.from_config(config)
+    name = config.get("_class_name", UNet2DModel.__name__)
+    if name not in BACKBONES:
+        raise ValueError(f"The backbone must be one of {', '.join(BACKBONES)}; the config describes a {name!r}.")
+    return BACKBONES[name].from_config(config)
+
+
+def _output_norm(unet) -> nn.GroupNorm:
+    """The backbone's output normalisation, whose input the head reads; `TypeError` for an unsupported backbone."""
+    if not isinstance(unet, tuple(BACKBONES.values())):
+        raise TypeError(f"The backbone must be a diffusers {' or '.join(BACKBONES)}, got {type(unet).__name__}.")
+    if not isinstance(unet.conv_norm_out, nn.GroupNorm):
+        raise TypeError(f"This {type(unet).__name__} has no GroupNorm `conv_norm_out` (norm_num_groups=None): the "
+                        "head reads the input of that normalisation, so it cannot sit on this backbone.")
+    return unet.conv_norm_out
 
 
 def _head_from_config(config: Optional[Dict[str, Any]]) -> NoiseSquareHead:
@@ -392,16 +424,15 @@ def _head_from_config(config: Optional[Dict[str, Any]]) -> NoiseSquareHead:
 
 def _incompatibilities(unet, head: NoiseSquareHead) -> list:
     """What keeps `head` from sitting on `unet` (channels, feature map, time embedding); empty when it fits."""
-    if not isinstance(unet, UNet2DModel):
-        raise TypeError(f"The backbone must be a diffusers `UNet2DModel`, got {type(unet).__name__}.")
+    norm = _output_norm(unet)
     if not isinstance(head, NoiseSquareHead):
         raise TypeError(f"The head must be a `NoiseSquareHead`, got {type(head).__name__}.")
     config, C = head.config, unet.config.in_channels
     problems = []
     if C != config.in_channels:
         problems.append(f"in_channels {C} != {config.in_channels}")
-    if unet.conv_norm_out.num_channels != config.feature_channels:
-        problems.append(f"last feature channels {unet.conv_norm_out.num_channels} != {config.feature_channels}")
+    if norm.num_channels != config.feature_channels:
+        problems.append(f"last feature channels {norm.num_channels} != {config.feature_channels}")
     if unet.config.out_channels not in (C, 2 * C):
         problems.append(f"out_channels {unet.config.out_channels} is neither C={C} nor 2C")
     if config.resblock and unet.time_embedding.linear_2.out_features != config.temb_channels:

@@ -20,9 +20,11 @@ import torch
 from .gamma import GammaEstimate
 from .schedule import alphas_cumprod_float64
 
-__all__ = ["PipelineGammaEstimate", "guidance_scale_mismatch", "sampling_guidance_scale", "use_analytic_dpm"]
+__all__ = ["PipelineGammaEstimate", "check_same_schedule", "check_table_inputs", "guidance_scale_mismatch",
+           "sampling_guidance_scale", "use_analytic_dpm"]
 
-_FIX = "Estimate the table for this pipeline with `estimate_pipeline_gamma(pipe, images, ...)`."
+_FIX = ("Estimate the table for this pipeline with `estimate_pipeline_gamma(pipe, images, ...)` (command line: "
+        "`analytic-schedulers estimate-gamma --model <pipeline> --data <images> ...`).")
 
 
 @dataclass
@@ -81,38 +83,54 @@ class PipelineGammaEstimate:
             ValueError: the config's noise schedule is not the table's, or the table is partial and `fill` is unset.
         """
         config = getattr(config, "config", config)
-        defaults: Dict[str, Any] = {}
-        if self.latent is not None:
-            defaults = {"max_x0_variance": self.max_x0_variance, "clip_sample": config.get("clip_sample", False)}
+        defaults = {**self.provenance(), **_latent_defaults(self.latent, self.max_x0_variance, config)}
         scheduler = self.estimate.to_scheduler(config, fill=fill, **{**defaults, **kwargs})
         self.check_schedule(scheduler)
-        scheduler.register_to_config(**self.provenance())
         return scheduler
 
     def check_schedule(self, scheduler) -> None:
         """Raises `ValueError` when `scheduler`'s noise schedule is not the one the table was estimated under."""
-        abar = alphas_cumprod_float64(scheduler)
-        if abar.shape != self.alphas_cumprod.shape or not torch.allclose(abar, self.alphas_cumprod, atol=1e-6):
-            raise ValueError(
-                f"The Gamma table was estimated under another noise schedule ({len(self.alphas_cumprod)} steps, "
-                f"alphas_cumprod[-1] = {self.alphas_cumprod[-1].item():.3g}) than this scheduler's ({len(abar)} "
-                f"steps, {abar[-1].item():.3g}); Gamma_t depends on the schedule. " + _FIX
-            )
+        check_same_schedule(self.alphas_cumprod, scheduler)
 
     def check_pipeline(self, pipe) -> None:
         """Raises `ValueError` when the table is not for `pipe`'s denoiser inputs (pixel vs latent, channels) or its
         schedule."""
-        in_latents = getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None
-        channels = getattr(pipe.unet.config, "in_channels", None)
-        space = "pixel" if self.latent is None else "latent"
-        if in_latents == (self.latent is None) or (channels is not None and channels != self.sample_shape[0]):
-            raise ValueError(
-                f"The Gamma table was estimated in {space} space (inputs of shape {list(self.sample_shape)}), but "
-                f"{type(pipe).__name__} denoises {'latents' if in_latents else 'pixels'} with {channels} channels: "
-                "Gamma is a statistic of the denoiser's own inputs. " + _FIX
-                + (" It encodes the images with the pipeline's VAE first." if in_latents else "")
-            )
+        check_table_inputs(pipe, self.latent, self.sample_shape)
         self.check_schedule(pipe.scheduler)
+
+
+def _latent_defaults(latent: Optional[str], max_x0_variance: Optional[float], config) -> Dict[str, Any]:
+    """For a latent table: Theorem 2's bound of the latents' range, and no clipping of `x0_hat` to `[-1, 1]` unless
+    the pipeline's config asks for it."""
+    if latent is None:
+        return {}
+    return {"max_x0_variance": max_x0_variance, "clip_sample": config.get("clip_sample", False)}
+
+
+def check_same_schedule(table_alphas_cumprod: torch.Tensor, scheduler) -> None:
+    """Raises `ValueError` when `scheduler`'s noise schedule is not the one a table was estimated under."""
+    expected, abar = table_alphas_cumprod, alphas_cumprod_float64(scheduler)
+    if abar.shape != expected.shape or not torch.allclose(abar, expected, atol=1e-6):
+        raise ValueError(
+            f"The Gamma table was estimated under another noise schedule ({len(expected)} steps, "
+            f"alphas_cumprod[-1] = {expected[-1].item():.3g}) than this scheduler's ({len(abar)} "
+            f"steps, {abar[-1].item():.3g}); Gamma_t depends on the schedule. " + _FIX
+        )
+
+
+def check_table_inputs(pipe, latent: Optional[str], sample_shape) -> None:
+    """Raises `ValueError` when a table of inputs `sample_shape` (latents encoded as `latent`, pixels for `None`) is
+    not for `pipe`'s denoiser: pixels vs latents, or another channel count."""
+    in_latents = getattr(pipe, "vae", None) is not None or getattr(pipe, "vqvae", None) is not None
+    channels = getattr(pipe.unet.config, "in_channels", None)
+    space = "pixel" if latent is None else "latent"
+    if in_latents == (latent is None) or (channels is not None and channels != sample_shape[0]):
+        raise ValueError(
+            f"The Gamma table was estimated in {space} space (inputs of shape {list(sample_shape)}), but "
+            f"{type(pipe).__name__} denoises {'latents' if in_latents else 'pixels'} with {channels} channels: "
+            "Gamma is a statistic of the denoiser's own inputs. " + _FIX
+            + (" It encodes the images with the pipeline's VAE first." if in_latents else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,33 +138,60 @@ class PipelineGammaEstimate:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def use_analytic_dpm(pipe, gamma=None, fill: Optional[Union[str, float]] = None, **kwargs):
+def use_analytic_dpm(pipe, gamma=None, fill: Optional[Union[str, float]] = None, config=None, **kwargs):
     """
     Swaps an `AnalyticDPMScheduler` into `pipe` (on the pipeline's own scheduler config) and returns it.
 
-    With a `PipelineGammaEstimate`, the table is first checked against the pipeline (pixel or latent inputs, channels,
-    noise schedule), and each call of the pipeline at a guidance scale other than the table's warns, once per scale:
-    the new scheduler compares the pipeline's scale with its config's `gamma_guidance_scale` when the pipeline sets
-    its timesteps. The plain `pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=table)`
-    works too, without those checks.
+    With a `PipelineGammaEstimate`, or a scheduler that holds a table with its record (one loaded from a table folder,
+    `AnalyticDPMScheduler.from_pretrained(repo_id, subfolder="analytic_scheduler")`), the table is first checked
+    against the pipeline (pixel or latent inputs, channels, noise schedule), and each call of the pipeline at a
+    guidance scale other than the table's warns, once per scale: the new scheduler compares the pipeline's scale with
+    its config's `gamma_guidance_scale` when the pipeline sets its timesteps. The plain
+    `pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=table)` works too, without those
+    checks.
 
     Args:
         pipe (`DiffusionPipeline`): a pipeline with a `unet` and a `scheduler`.
-        gamma: a `PipelineGammaEstimate`, or any table `AnalyticDPMScheduler` accepts (unchecked), or `None` with
-            `gamma_from_batch=True`.
+        gamma: a `PipelineGammaEstimate`; an `AnalyticDPMScheduler` with a table (its table, record,
+            `max_x0_variance` and `clip_variance` are used on the pipeline's own config; a table that does not record
+            its inputs is checked for its schedule only); any table `AnalyticDPMScheduler` accepts (unchecked); or
+            `None` with `gamma_from_batch=True`.
         fill (`str` or `float`, *optional*): completes a partial `PipelineGammaEstimate` (see `GammaEstimate`).
+        config (*optional*): the scheduler config to build on (the noise schedule, spacing, prediction type);
+            default `pipe.scheduler.config`.
         kwargs: further config overrides (`eta`, `gamma_from_batch`, ...).
     """
     from .scheduling_analytic_dpm import AnalyticDPMScheduler
 
+    config = pipe.scheduler.config if config is None else getattr(config, "config", config)
     if isinstance(gamma, PipelineGammaEstimate):
-        gamma.check_pipeline(pipe)
-        scheduler = gamma.to_scheduler(pipe.scheduler.config, fill=fill, **kwargs)
+        check_table_inputs(pipe, gamma.latent, gamma.sample_shape)
+        scheduler = gamma.to_scheduler(config, fill=fill, **kwargs)  # checks the schedule
+    elif isinstance(gamma, AnalyticDPMScheduler):
+        scheduler = _from_table_scheduler(pipe, gamma, config, kwargs)
     else:
-        scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, gamma=gamma, **kwargs)
+        scheduler = AnalyticDPMScheduler.from_config(config, gamma=gamma, **kwargs)
     scheduler.set_timesteps = _checking_guidance_scale(scheduler.set_timesteps, weakref.ref(pipe),
                                                        scheduler.config.get("gamma_guidance_scale"))
     pipe.scheduler = scheduler
+    return scheduler
+
+
+def _from_table_scheduler(pipe, table, config, kwargs: Dict[str, Any]):
+    """An `AnalyticDPMScheduler` on `config` with the table (and its record) of the scheduler `table`."""
+    from .scheduling_analytic_dpm import AnalyticDPMScheduler
+    from .scheduling_base import PROVENANCE_KEYS
+
+    recorded = table.config
+    if table.gamma_table is None:
+        raise ValueError("This AnalyticDPMScheduler holds no Gamma table to use. " + _FIX)
+    if recorded.gamma_sample_shape is not None:  # a table that records its inputs
+        check_table_inputs(pipe, recorded.gamma_latent, recorded.gamma_sample_shape)
+    record = {key: recorded[key] for key in PROVENANCE_KEYS}
+    record.update(max_x0_variance=recorded.max_x0_variance, clip_variance=recorded.clip_variance)
+    record.update(_latent_defaults(recorded.gamma_latent, recorded.max_x0_variance, config))
+    scheduler = AnalyticDPMScheduler.from_config(config, gamma=table.gamma_table, **{**record, **kwargs})
+    check_same_schedule(alphas_cumprod_float64(table), scheduler)
     return scheduler
 
 

@@ -112,6 +112,8 @@ def build_sampler(
     base_config,
     gamma: Optional[Sequence[float]] = None,
     last_step_sigma_clip: Optional[float] = None,
+    gamma_from_batch: bool = False,
+    **config,
 ) -> Sampler:
     """
     Builds the named sampler from a model's scheduler config (the same betas, spacing and prediction type).
@@ -121,13 +123,18 @@ def build_sampler(
         base_config: the model's scheduler config (e.g. `pipe.scheduler.config`).
         gamma: the Gamma table, needed by the `analytic-*` samplers (optional for SN/NPR).
         last_step_sigma_clip: `y` of the last-step clip for this package's samplers, `None` for off.
+        gamma_from_batch: the `analytic-*` samplers estimate `Gamma_t` from each batch instead of a table
+            (data-free; ignored when `gamma` is given).
+        config: further config entries of this package's schedulers (`max_x0_variance`, the table's provenance
+            `gamma_guidance_scale`, ...); diffusers' samplers ignore them.
     """
     from .scheduling_analytic_dpm import AnalyticDPMScheduler
     from .scheduling_sn_dpm import SNDPMScheduler
 
     spec = sampler_spec(name)
     spacing = spec.spacing or dict(base_config).get("timestep_spacing")
-    if (spec.needs_gamma or spacing == "optimal") and gamma is None:
+    from_batch = gamma_from_batch and gamma is None and spec.needs_gamma and spacing != "optimal"
+    if (spec.needs_gamma or spacing == "optimal") and gamma is None and not from_batch:
         needs = "the optimal trajectory needs" if spacing == "optimal" else f"sampler {name!r} needs"
         raise ValueError(
             f"{needs[0].upper() + needs[1:]} a Gamma table for this model. Estimate it once with "
@@ -136,11 +143,11 @@ def build_sampler(
         )
     if spec.kind in ("ddpm", "ddim", "dpmsolver++"):
         return _diffusers_sampler(name, spec, base_config, gamma if spacing == "optimal" else None)
-    ours = dict(eta=spec.eta, gamma=gamma, last_step_sigma_clip=last_step_sigma_clip)
+    ours = dict(config, eta=spec.eta, gamma=gamma, last_step_sigma_clip=last_step_sigma_clip)
     if spacing is not None:
         ours["timestep_spacing"] = spacing
     if spec.kind == "analytic":
-        return Sampler(name, spec, AnalyticDPMScheduler.from_config(base_config, **ours))
+        return Sampler(name, spec, AnalyticDPMScheduler.from_config(base_config, gamma_from_batch=from_batch, **ours))
     return Sampler(name, spec, SNDPMScheduler.from_config(base_config, covariance_type=spec.covariance_type, **ours))
 
 

@@ -69,6 +69,18 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
             check is kept on the device and read once, at the last step (one synchronisation per sampling loop,
             where a pipeline waits for the result anyway); `False` skips it and the sampling loop never reads the
             accelerator.
+        gamma_guidance_scale (`float`, *optional*): what the table was estimated for (written by
+            `PipelineGammaEstimate.to_scheduler` and `analytic-schedulers estimate-gamma`): the guidance scale `s`
+            of the prediction `eps_u + s (eps_c - eps_u)` whose Gamma it is; `None` when the table does not depend
+            on one. `use_analytic_dpm` warns when the pipeline samples at another scale.
+        gamma_conditioning (`str`, *optional*): what that prediction was conditioned on: `"captions"` (one per
+            image), `"prompt"` (one for all), `"empty"` (the empty prompt), or `None` (an unconditional model, or
+            not recorded).
+        gamma_sample_shape (`List[int]`, *optional*): the shape `[C, H, W]` of the denoiser inputs the table was
+            estimated on (latents or pixels); the step refuses samples with another channel count (a check of host
+            metadata, free).
+        gamma_latent (`str`, *optional*): how images were encoded for a latent table, `"sample"`, `"mean"` or
+            `"deterministic"`; `None` for pixels (or not recorded, when `gamma_sample_shape` is `None` too).
     """
 
     __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
@@ -101,6 +113,10 @@ class AnalyticDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, Config
         last_step_sigma_clip: Optional[float] = None,
         set_alpha_to_one: bool = True,
         check_finite: bool = True,
+        gamma_guidance_scale: Optional[float] = None,
+        gamma_conditioning: Optional[str] = None,
+        gamma_sample_shape: Optional[List[int]] = None,
+        gamma_latent: Optional[str] = None,
     ):
         self._init_schedule(gamma)
 

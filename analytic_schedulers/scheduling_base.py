@@ -69,11 +69,14 @@ class ReverseStepDistribution:
     prev_timestep: int
 
 
-def validate_gamma(gamma, num_train_timesteps: int) -> Optional[torch.Tensor]:
-    """Checks a Gamma table (list, numpy array, tensor or complete `GammaEstimate`) and returns it as a float64
-    tensor, or `None`."""
+def validate_gamma(gamma, num_train_timesteps: int, scheduler=None) -> Optional[torch.Tensor]:
+    """Checks a Gamma table (list, numpy array, tensor, complete `GammaEstimate` or `PipelineGammaEstimate`) and
+    returns it as a float64 tensor, or `None`. A table object with a `check_schedule` method (a
+    `PipelineGammaEstimate`) is first checked against `scheduler`'s noise schedule."""
     if gamma is None:
         return None
+    if scheduler is not None and callable(getattr(gamma, "check_schedule", None)):
+        gamma.check_schedule(scheduler)
     if hasattr(gamma, "gamma") and hasattr(gamma, "is_complete"):  # a `GammaEstimate`
         if not gamma.is_complete:
             raise ValueError("This Gamma estimate covers only some timesteps; use "
@@ -99,6 +102,27 @@ def validate_gamma(gamma, num_train_timesteps: int) -> Optional[torch.Tensor]:
             "when it is not used there; re-estimate it. " + GAMMA_HELP
         )
     return table
+
+
+PROVENANCE_KEYS = ("gamma_guidance_scale", "gamma_conditioning", "gamma_sample_shape", "gamma_latent")
+CONDITIONINGS = ("captions", "prompt", "empty")
+LATENT_ENCODINGS = ("sample", "mean", "deterministic")
+
+
+def check_provenance(provenance: Dict[str, object]) -> Dict[str, object]:
+    """Checks the config keys that record what a Gamma table was estimated for; returns them JSON-able."""
+    scale, conditioning = provenance.get("gamma_guidance_scale"), provenance.get("gamma_conditioning")
+    shape, latent = provenance.get("gamma_sample_shape"), provenance.get("gamma_latent")
+    if conditioning is not None and conditioning not in CONDITIONINGS:
+        raise ValueError(f"`gamma_conditioning` must be one of {CONDITIONINGS} or None, got {conditioning!r}.")
+    if latent is not None and latent not in LATENT_ENCODINGS:
+        raise ValueError(f"`gamma_latent` must be one of {LATENT_ENCODINGS} or None (pixels), got {latent!r}.")
+    if shape is not None:
+        if isinstance(shape, (str, bytes)) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
+            raise ValueError(f"`gamma_sample_shape` must be a list of positive ints [C, H, W], got {shape!r}.")
+        shape = [int(n) for n in shape]
+    return {"gamma_guidance_scale": None if scale is None else float(scale), "gamma_conditioning": conditioning,
+            "gamma_sample_shape": shape, "gamma_latent": latent}
 
 
 def _not_found_help(location, subfolder: Optional[str]) -> str:
@@ -138,12 +162,9 @@ class ReverseVarianceSchedulerMixin:
 
     def _init_schedule(self, gamma) -> None:
         """Validates the config and derives the schedule; `gamma` is the table as passed to `__init__`."""
-        self.gamma_table = validate_gamma(gamma, self.config.num_train_timesteps)
-        self._gamma_list: Optional[List[float]] = None if self.gamma_table is None else self.gamma_table.tolist()
         # the config keeps JSON-able lists only
         trained_betas = self.config.trained_betas
         self.register_to_config(
-            gamma=None if self._gamma_list is None else GammaTable(self._gamma_list),
             trained_betas=None if trained_betas is None else np.asarray(trained_betas, dtype=np.float64).tolist(),
         )
         config = self.config
@@ -175,9 +196,23 @@ class ReverseVarianceSchedulerMixin:
                 "This schedule reaches zero SNR (alphas_cumprod[-1] = 0), where bbar/abar is infinite: keep "
                 "`clip_variance=True` so that the Theorem-2 bound caps the variance there."
             )
+        self._init_gamma(gamma)
         self.num_inference_steps: Optional[int] = None
         self.custom_timesteps = False
         self._set_trajectory(np.arange(config.num_train_timesteps - 1, -1, -1, dtype=np.int64), device=None)
+
+    def _init_gamma(self, gamma) -> None:
+        """The table on this schedule, into the config as a JSON-able list with its provenance (the `gamma_*` keys;
+        a `PipelineGammaEstimate` records its own)."""
+        self.gamma_table = validate_gamma(gamma, self.config.num_train_timesteps, scheduler=self)
+        self._gamma_list: Optional[List[float]] = None if self.gamma_table is None else self.gamma_table.tolist()
+        provenance = gamma.provenance() if callable(getattr(gamma, "provenance", None)) else {}
+        self.register_to_config(gamma=None if self._gamma_list is None else GammaTable(self._gamma_list),
+                                **check_provenance({**{key: self.config.get(key) for key in PROVENANCE_KEYS},
+                                                    **provenance}))
+        shape = self.config.gamma_sample_shape
+        # the channels a table's samples must have (host metadata, checked in every step for free)
+        self._gamma_channels = shape[0] if shape and self.gamma_table is not None else None
 
     def _set_trajectory(self, timesteps: np.ndarray, device) -> None:
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
@@ -513,6 +548,7 @@ class ReverseVarianceSchedulerMixin:
         abar_s = self._abar_list[s] if s >= 0 else self._final_abar
 
         # 2. model output -> eps_hat, x0_hat (math in float32 or better, whatever the model's dtype)
+        self._check_table_channels(sample)
         compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x_t = sample.to(compute_dtype)
         output, extra = self._split_model_output(model_output, sample)
@@ -554,6 +590,20 @@ class ReverseVarianceSchedulerMixin:
                 eps_hat = rs.eps_from_x0(x0_hat, x_t, abar_t)
             mean = rs.ddim_mean(x0_hat, eps_hat, abar_s, lambda_sq)
         return ReverseStepDistribution(mean, variance, x0_hat, eps_hat, s)
+
+    def _check_table_channels(self, sample: torch.Tensor) -> None:
+        """Refuses a sample of other channels than the table's `gamma_sample_shape` (host metadata: no sync)."""
+        if self._gamma_channels is None or sample.ndim < 2 or sample.shape[1] == self._gamma_channels:
+            return
+        config = self.config
+        inputs = "pixels" if config.gamma_latent is None else "latents"
+        raise ValueError(
+            f"The Gamma table was estimated on {inputs} of shape {list(config.gamma_sample_shape)}, but the sample "
+            f"has {sample.shape[1]} channels ({tuple(sample.shape)}): Gamma is a statistic of one denoiser's own "
+            "inputs. Estimate a table for this model (`analytic_schedulers.estimate_pipeline_gamma(pipe, images, "
+            "...)` or `analytic-schedulers estimate-gamma --model <pipeline> ...`), or sample with "
+            "`gamma_from_batch=True`."
+        )
 
     # ------------------------------------------------------------------------------------------------ finite check
 

@@ -23,11 +23,12 @@ SNDPMSchedulerOutput = ReverseStepOutput
 COVARIANCE_TYPES = ("sn", "npr")
 
 HEAD_HELP = (
-    "Wrap your UNet2DModel with a trained noise-square head, "
-    "`analytic_schedulers.NoiseSquareHeadModel.from_unet(unet, covariance_type=...)` (train it with "
-    "`train_noise_square_head` or `analytic-schedulers train-head`), or load one with "
-    "`NoiseSquareHeadModel.from_pretrained(head_path, unet=unet)`. For a plain noise-prediction model use "
-    "`AnalyticDPMScheduler`."
+    "Wrap your UNet2DModel or UNet2DConditionModel with a trained noise-square head: "
+    "`pipe.unet = analytic_schedulers.load_head_model(head_path, unet=pipe.unet)` (e.g. a model folder with "
+    "`subfolder=\"sn_head\"`), or a new one, `analytic_schedulers.NoiseSquareHeadModel.from_unet(unet, "
+    "covariance_type=...)`, trained with `train_noise_square_head` or `analytic-schedulers train-head` "
+    "(UNet2DModel backbones). For a plain noise-prediction model use `AnalyticDPMScheduler` (in Stable Diffusion "
+    "without a table: `gamma_from_batch=True`)."
 )
 
 
@@ -45,7 +46,11 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
     and `h` is combined with that `eps_hat`.
 
     Swap it into any pipeline that drives the head model, e.g.
-    `DDPMPipeline(unet=head_model, scheduler=SNDPMScheduler.from_config(ddpm_scheduler.config))`.
+    `DDPMPipeline(unet=head_model, scheduler=SNDPMScheduler.from_config(ddpm_scheduler.config))`, or in Stable
+    Diffusion `pipe.unet = NoiseSquareHeadModel(unet=pipe.unet, head=head)`. Under classifier-free guidance the
+    pipeline combines `[eps, h]` of its two branches linearly, so `h` is `h_u + s (h_c - h_u)`: the per-dimension
+    variance of a guided prediction is not identifiable from the branches, and this is an approximation (for SN its
+    average over dimensions and `x_t` is Analytic-DPM's guided variance; see `docs/method.md`).
 
     Args:
         num_train_timesteps (`int`, defaults to 1000): the number of training timesteps T.
@@ -84,6 +89,10 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
             check is kept on the device and read once, at the last step (one synchronisation per sampling loop,
             where a pipeline waits for the result anyway); `False` skips it and the sampling loop never reads the
             accelerator.
+        gamma_guidance_scale (`float`, *optional*), gamma_conditioning (`str`, *optional*),
+        gamma_sample_shape (`List[int]`, *optional*), gamma_latent (`str`, *optional*): what `gamma` was estimated
+            for, as in `AnalyticDPMScheduler` (the step refuses samples of other channels than a table's); kept so
+            that a config passes between the two schedulers unchanged.
     """
 
     __module__ = "analytic_schedulers"  # the stable name pipelines record (see the package docstring)
@@ -116,6 +125,10 @@ class SNDPMScheduler(ReverseVarianceSchedulerMixin, SchedulerMixin, ConfigMixin)
         last_step_sigma_clip: Optional[float] = None,
         set_alpha_to_one: bool = True,
         check_finite: bool = True,
+        gamma_guidance_scale: Optional[float] = None,
+        gamma_conditioning: Optional[str] = None,
+        gamma_sample_shape: Optional[List[int]] = None,
+        gamma_latent: Optional[str] = None,
     ):
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(

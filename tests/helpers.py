@@ -1,5 +1,7 @@
 """Helpers shared by the tests (importable because pytest puts this folder on sys.path)."""
 
+import io
+import logging
 import sys
 
 import torch
@@ -95,3 +97,20 @@ class _CountingFunctionMode(TorchFunctionMode):
                 and not isinstance(args[0], torch.Tensor):
             self.counter.host_data_copies += 1
         return func(*args, **kwargs)
+
+
+class DiffusersLog:
+    """Captures what diffusers logs (its loggers do not propagate to the root logger)."""
+
+    def __enter__(self):
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        logging.getLogger("diffusers").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("diffusers").removeHandler(self.handler)
+
+    @property
+    def text(self):
+        return self.stream.getvalue()

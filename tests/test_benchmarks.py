@@ -84,3 +84,12 @@ def test_gpu_report_records_what_the_budget_or_an_error_skips(gpu_report):
 
     run.attempt([item], 1.0, fails)
     assert item["ratio"] is None and item["skipped"] == "error: RuntimeError: CUDA out of memory"
+
+
+def test_data_free_quick(tmp_path):
+    out = run("data_free.py", "--quick", "--output", str(tmp_path / "d.json"), cwd=tmp_path)
+    results = json.loads((tmp_path / "d.json").read_text())
+    summary = {(e["metric"], e["sampler"]) for e in results["summary"]}
+    assert summary == {("fid", "analytic-ddpm"), ("fid", "analytic-ddim"), ("nll_bpd", "analytic-ddpm")}
+    assert {r["route"] for r in results["rows"]} == {"table", "batch"} and "batch - table" in out
+    assert all(r["cpu_seconds"] > 0 for r in results["rows"])

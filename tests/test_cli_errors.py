@@ -54,3 +54,13 @@ def test_a_bad_data_folder_gives_the_same_message_in_every_command_that_reads_da
     assert len(set(messages.values())) == 1, messages
     assert str(folder) in messages["nll"]
     assert ("does not exist" if bad == "missing" else "No images") in messages["nll"]
+
+
+@pytest.mark.parametrize("command", ["train-head", "nll"])
+def test_pixel_only_commands_refuse_a_latent_pipeline(tmp_path, capsys, command):
+    from tiny_pipelines import saved_tiny_stable_diffusion
+
+    model = saved_tiny_stable_diffusion(tmp_path / "sd")
+    capsys.readouterr()  # what saving printed
+    assert "not supported" in error_of(capsys, command, "--model", str(model), "--data", "sklearn-digits",
+                                       tmp_path=tmp_path)

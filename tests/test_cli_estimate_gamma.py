@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def gaussian_cli(monkeypatch):
     """The CLI with the exact Gaussian model in place of a downloaded one (the rest of the command is real)."""
     config = DDPMScheduler().config
 
-    def load_from_args(args, gamma=True):
+    def load_from_args(args, gamma=True, pipeline=False):
         model = InterruptibleGaussianModel.from_scheduler(DDPMScheduler(), data_std=0.3, sample_size=16)
         return LoadedModel(model, dict(config), None, args.model, None, args.model)
 
@@ -186,3 +187,84 @@ def test_from_pretrained_loads_from_an_offline_hub_cache(tmp_path):
     scheduler = AnalyticDPMScheduler.from_pretrained("analytic-org/ddpm-analytic", subfolder="scheduler",
                                                      cache_dir=tmp_path / "hf_home" / "hub", local_files_only=True)
     torch.testing.assert_close(scheduler.gamma_table, table.double())
+
+
+# ------------------------------------------------------------------------------------------------ pipelines with a VAE
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    from tiny_pipelines import saved_tiny_stable_diffusion
+
+    return saved_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+def image_folder(folder, count):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def estimate_sd(sd_dir, data, output, *extra):
+    return main(["estimate-gamma", "--model", str(sd_dir), "--data", str(data), "--steps", "2", "--output",
+                 str(output), "--no-progress", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("text", ["prompt", "captions"])
+def test_stable_diffusion_table_records_its_conditioning_and_samples_in_its_pipeline(sd_dir, tmp_path, text):
+    data = image_folder(tmp_path / "images", 3)
+    (tmp_path / "captions.txt").write_text("cat\ndog\na b\n")
+    conditioning = ["--prompt", "cat"] if text == "prompt" else ["--captions", str(tmp_path / "captions.txt")]
+    out = tmp_path / "table"
+    assert estimate_sd(sd_dir, data, out, "--guidance-scale", "3", *conditioning) == 0
+    config = json.loads((out / "scheduler_config.json").read_text())
+    assert config["gamma_guidance_scale"] == 3.0 and config["gamma_conditioning"] == text
+    assert config["gamma_sample_shape"] == [4, 4, 4] and config["gamma_latent"] == "sample"
+    assert config["clip_sample"] is False and config["max_x0_variance"] != 1.0  # the latents' own bound
+    card = (out / "README.md").read_text()
+    assert "| guidance scale | 3" in card and "latents [4, 4, 4]" in card
+    assert main(["sample", "--model", str(sd_dir), "--gamma", str(out), "--prompt", "cat", "--guidance-scale", "3",
+                 "--steps", "2", "--num-images", "2", "--output", str(tmp_path / "grid.png"), "--no-progress"]) == 0
+
+
+def test_stable_diffusion_arguments_that_do_not_fit_are_refused(sd_dir, tmp_path, capsys):
+    data = image_folder(tmp_path / "images", 3)
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    assert estimate_sd(sd_dir, data, tmp_path / "a", "--guidance-scale", "3", "--captions",
+                       str(tmp_path / "two.txt")) == 2
+    assert "has 2 lines for 3 images" in capsys.readouterr().err
+    assert estimate_sd(sd_dir, data, tmp_path / "b", "--prompt", "cat") == 2  # the table depends on the scale
+    assert "Pass the `guidance_scale` you will sample with" in capsys.readouterr().err
+    bundled = Path(__file__).resolve().parents[1] / "analytic_schedulers" / "assets" / "ddpm-digits-16"
+    assert main(["estimate-gamma", "--model", str(bundled), "--data", "sklearn-digits", "--prompt", "cat",
+                 "--output", str(tmp_path / "c")]) == 2
+    assert "--prompt apply to pipelines" in capsys.readouterr().err
+
+
+def test_stable_diffusion_estimate_resumes_after_an_interruption(sd_dir, tmp_path, monkeypatch, capsys):
+    from diffusers import UNet2DConditionModel
+
+    data, forward, calls = image_folder(tmp_path / "images", 3), UNet2DConditionModel.forward, {"left": None, "n": 0}
+
+    def interruptible(self, *args, **kwargs):
+        if calls["left"] == 0:
+            raise KeyboardInterrupt
+        calls["left"] = None if calls["left"] is None else calls["left"] - 1
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", interruptible)
+    common = ["--batch-size", "3", "--checkpoint-seconds", "0", "--latent", "mean"]  # one call per timestep
+    assert estimate_sd(sd_dir, data, tmp_path / "whole", *common) == 0
+    calls.update(left=1, n=0)
+    assert estimate_sd(sd_dir, data, tmp_path / "run", *common) == 130
+    assert GammaEstimate.load(tmp_path / "run" / cli.PARTIAL_NAME).timesteps_estimated.numel() == 1
+    assert estimate_sd(sd_dir, data, tmp_path / "run", "--batch-size", "3", "--latent", "sample") == 2
+    assert "other settings" in capsys.readouterr().err
+    calls.update(left=None, n=0)
+    assert estimate_sd(sd_dir, data, tmp_path / "run", *common) == 0
+    assert calls["n"] == 1 and "Resuming: 1 timesteps" in capsys.readouterr().out
+    resumed, whole = (GammaEstimate.load(tmp_path / name / "gamma_estimate.json") for name in ("run", "whole"))
+    torch.testing.assert_close(resumed.sums.stacked(), whole.sums.stacked())

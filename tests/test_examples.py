@@ -1,4 +1,5 @@
-"""The examples run as written, here on the bundled model and scikit-learn's digits, offline."""
+"""The examples run as written, here on the bundled model (or a tiny Stable Diffusion folder) and scikit-learn's
+digits, offline."""
 
 import os
 import subprocess
@@ -39,3 +40,15 @@ def test_train_sn_head(tmp_path):
                       "--batch-size", "8", "--num-images", "64", "--output", "head", "--sample-steps", "2",
                       cwd=tmp_path)
     assert "sampled 4 images" in out
+
+
+def test_stable_diffusion_estimates_swaps_and_compares(tmp_path):
+    from tiny_pipelines import saved_tiny_stable_diffusion
+
+    model = saved_tiny_stable_diffusion(tmp_path / "sd")
+    (tmp_path / "captions.txt").write_text("cat\ndog\ncat\ndog\n")
+    out = run_example("stable_diffusion.py", "--model", str(model), "--prompt", "cat", "--guidance-scale", "3",
+                      "--steps", "2,3", "--num-images", "2", "--data", "sklearn-digits", "--num-samples", "4",
+                      "--captions", "captions.txt", "--output", "sd.png", cwd=tmp_path)
+    assert "from 4 images at 4 timesteps" in out and "DDIM, DPM-Solver++, Analytic-DDIM at 2,3 steps" in out
+    assert (tmp_path / "sd.png").stat().st_size > 0

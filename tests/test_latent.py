@@ -12,10 +12,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch.utils.data import DataLoader, TensorDataset
 
-from analytic_schedulers import AnalyticDPMScheduler, estimate_gamma
+from analytic_schedulers import AnalyticDPMScheduler, SNDPMScheduler, estimate_gamma
 from analytic_schedulers.latent import encode_images, estimate_pipeline_gamma
 from analytic_schedulers.pipeline_gamma import PipelineGammaEstimate, use_analytic_dpm
 from analytic_schedulers.reverse_step import eps_and_x0_from_model_output
+from helpers import DiffusersLog
 from tiny_pipelines import (SCALED_LINEAR, tiny_images, tiny_ldm, tiny_stable_diffusion, tiny_unet, tiny_vae,
                             tiny_vq_model)
 
@@ -245,6 +246,31 @@ def test_scheduler_config_records_what_the_table_was_estimated_for(sd, tmp_path)
     torch.testing.assert_close(loaded.gamma_table, table.filled("interpolate"))
 
 
+def test_the_record_is_ordinary_config_keys_of_both_schedulers(sd, tmp_path):
+    table = estimate_pipeline_gamma(sd, tiny_images(4), prompt="cat", guidance_scale=3.0, generator=0, **FAST)
+    table.to_scheduler(sd.scheduler.config, fill="interpolate").save_pretrained(tmp_path)
+    with DiffusersLog() as log:
+        loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+        back = AnalyticDPMScheduler.from_config(SNDPMScheduler.from_config(loaded.config).config)
+    assert "gamma_guidance_scale" not in log.text and "gamma_sample_shape" not in log.text, log.text
+    assert back.config.gamma_guidance_scale == 3.0 and back.config.gamma_sample_shape == [4, 4, 4]
+    assert back.config.gamma_conditioning == "prompt" and back.config.gamma_latent == "sample"
+
+
+def test_a_saved_table_goes_into_its_pipeline_with_the_same_checks(sd, ldm, tmp_path):
+    table = estimate_pipeline_gamma(sd, tiny_images(4), prompt="cat", guidance_scale=3.0, generator=0, **FAST)
+    table.to_scheduler(sd.scheduler.config, fill="interpolate", max_x0_variance=2.5).save_pretrained(tmp_path)
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+    scheduler = use_analytic_dpm(sd, loaded, eta=0.0)
+    assert sd.scheduler is scheduler and scheduler.config.max_x0_variance == 2.5 and scheduler.config.eta == 0.0
+    assert scheduler.config.gamma_guidance_scale == 3.0
+    torch.testing.assert_close(scheduler.gamma_table, loaded.gamma_table)
+    with pytest.warns(UserWarning, match="estimated for guidance scale 3"):
+        sd("cat", num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    with pytest.raises(ValueError, match="latent space.*3 channels"):
+        use_analytic_dpm(ldm, loaded)  # 4-channel latents of another model
+
+
 def test_sampling_at_another_guidance_scale_warns_once_per_scale(tmp_path):
     pipe = tiny_stable_diffusion(tmp_path)
     table = estimate_pipeline_gamma(pipe, tiny_images(4), prompt="cat", guidance_scale=3.0,
@@ -354,8 +380,11 @@ def test_gamma_from_batch_samples_stable_diffusion_without_data(sd):
     assert len(variances) == 3 and all(math.isfinite(float(v)) and float(v) >= 0 for v in variances)
 
 
-def test_pipeline_gamma_estimate_passes_as_gamma(ldm):
+def test_pipeline_gamma_estimate_passes_as_gamma_with_its_record_and_schedule_check(ldm):
     table = estimate_pipeline_gamma(ldm, tiny_images(4), progress=False, timesteps=list(range(1000)), batch_size=512)
     assert isinstance(table, PipelineGammaEstimate) and table.is_complete
     scheduler = AnalyticDPMScheduler.from_config(ldm.scheduler.config, gamma=table)
     torch.testing.assert_close(scheduler.gamma_table, table.gamma)
+    assert scheduler.config.gamma_latent == "deterministic" and scheduler.config.gamma_sample_shape == [3, 4, 4]
+    with pytest.raises(ValueError, match="another noise schedule"):
+        AnalyticDPMScheduler.from_config(DDIMScheduler().config, gamma=table)  # linear betas, not scaled_linear

@@ -195,6 +195,55 @@ def test_ddpm_pipeline_samples_and_round_trips(tmp_path):
     np.testing.assert_array_equal(again, image)
 
 
+def sd_call(pipe, **kwargs):
+    return pipe("cat", num_images_per_prompt=2, num_inference_steps=3, guidance_scale=3.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+@pytest.mark.parametrize("resblock", [False, True])
+def test_conditional_backbone_gets_the_pipelines_conditioning_and_gives_eps_and_h(tmp_path, resblock):
+    from tiny_pipelines import tiny_conditional_unet
+
+    unet, x, t = tiny_conditional_unet(), torch.randn(2, 4, 4, 4), torch.tensor([10, 500])
+    embeds = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = perturb_head(NoiseSquareHeadModel.from_unet(unet, covariance_type="npr", resblock=resblock))
+    with torch.no_grad():
+        out = model(x, t, encoder_hidden_states=embeds, timestep_cond=None, cross_attention_kwargs=None,
+                    added_cond_kwargs=None)
+        eps, h = out.sample.split(4, dim=1)
+        assert torch.equal(eps, unet(x, t, encoder_hidden_states=embeds).sample)
+        assert torch.equal(model(x, t, embeds, return_dict=False)[0], out.sample)  # positional, as the backbone
+    assert type(out).__name__ == "UNet2DConditionOutput" and (h > 0).all()
+    assert not torch.allclose(h[0], h[1]) and model.config.time_cond_proj_dim is None
+
+
+def test_stable_diffusion_samples_with_a_head_and_round_trips(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from tiny_pipelines import tiny_stable_diffusion
+
+    pipe = tiny_stable_diffusion(tmp_path)
+    pipe.unet = perturb_head(NoiseSquareHeadModel.from_unet(pipe.unet, covariance_type="sn"))
+    pipe.scheduler = SNDPMScheduler.from_config(pipe.scheduler.config, covariance_type="sn")
+    latents = [sd_call(pipe, eta=eta) for eta in (0.0, 1.0)]
+    assert latents[0].shape == (2, 4, 4, 4) and all(torch.isfinite(x).all() for x in latents)
+    assert not torch.allclose(latents[0], latents[1])
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.set_progress_bar_config(disable=True)
+    assert isinstance(reloaded.unet, NoiseSquareHeadModel) and isinstance(reloaded.scheduler, SNDPMScheduler)
+    torch.testing.assert_close(sd_call(reloaded, eta=1.0), latents[1])
+
+
+def test_sn_scheduler_on_stable_diffusion_without_a_head_says_how_to_add_one(tmp_path):
+    from tiny_pipelines import tiny_stable_diffusion
+
+    pipe = tiny_stable_diffusion(tmp_path)
+    pipe.scheduler = SNDPMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"2C = 8 channels.*UNet2DConditionModel.*load_head_model"):
+        sd_call(pipe)
+
+
 # ------------------------------------------------------------------------------------------------ analytic-schedulers 0.1
 
 

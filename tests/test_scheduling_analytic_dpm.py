@@ -1,16 +1,14 @@
 """AnalyticDPMScheduler: exactness on Gaussian data, reductions to diffusers' schedulers, the diffusers contract."""
 
-import io
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
-from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel
-from helpers import sample_loop
+from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel, SNDPMScheduler
+from helpers import DiffusersLog, sample_loop
 
 S = 0.3  # data std of the isotropic Gaussian check
 
@@ -335,23 +333,6 @@ def test_stepping_out_of_order_or_with_copies_of_the_timesteps_is_still_correct(
             assert scheduler.step_index == i + 1
 
 
-class DiffusersLog:
-    """Captures what diffusers logs (its loggers do not propagate to the root logger)."""
-
-    def __enter__(self):
-        self.stream = io.StringIO()
-        self.handler = logging.StreamHandler(self.stream)
-        logging.getLogger("diffusers").addHandler(self.handler)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("diffusers").removeHandler(self.handler)
-
-    @property
-    def text(self):
-        return self.stream.getvalue()
-
-
 def test_switching_to_ddim_and_back_keeps_the_table_without_a_wall_of_log(tmp_path):
     table = torch.rand(1000, generator=torch.Generator().manual_seed(0)).double()
     analytic = AnalyticDPMScheduler.from_config(DDIMScheduler(**SD_CONFIG).config, gamma=table, eta=0.0)
@@ -390,6 +371,18 @@ def test_step_without_gamma_says_how_to_estimate():
     scheduler.set_timesteps(10)
     with pytest.raises(ValueError, match="estimate_gamma"):
         scheduler.step(torch.zeros(1, 1, 4, 4), scheduler.timesteps[0], torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("cls", [AnalyticDPMScheduler, SNDPMScheduler])
+def test_step_refuses_a_sample_with_other_channels_than_the_tables(cls):
+    scheduler = cls(gamma=[0.5] * 1000, gamma_sample_shape=[3, 8, 8])
+    scheduler.set_timesteps(10)
+    sample = torch.zeros(1, 4, 4, 4)
+    output = torch.zeros(1, 8 if cls is SNDPMScheduler else 4, 4, 4)
+    with pytest.raises(ValueError, match=r"pixels of shape \[3, 8, 8\].*4 channels.*estimate_pipeline_gamma"):
+        scheduler.step(output, scheduler.timesteps[0], sample)
+    with pytest.raises(ValueError, match="gamma_latent"):
+        cls(gamma=[0.5] * 1000, gamma_latent="mode")
 
 
 @pytest.mark.parametrize("gamma,match", [([0.5] * 999, "one value per training timestep"),

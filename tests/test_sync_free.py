@@ -96,6 +96,14 @@ def test_finite_check_reads_one_flag_at_the_last_step(kind, set_alpha_to_one):
     assert read_backs_per_step(scheduler, every_call=False, use_clipped_model_output=True, eta=0.5) == [0] * 9 + [1]
 
 
+@pytest.mark.parametrize("kind", ["analytic-table", "sn"])
+def test_checking_the_tables_channels_reads_nothing(kind):
+    scheduler = make_scheduler(kind, gamma_sample_shape=list(SHAPE[1:]), check_finite=False,
+                               **({"gamma": [0.5] * 1000} if kind == "sn" else {}))
+    scheduler.set_timesteps(10, device="cpu")
+    assert read_backs_per_step(scheduler) == [0] * 10
+
+
 def test_img2img_loop_never_reads_the_accelerator():
     scheduler = make_scheduler("analytic-table", check_finite=False)
     scheduler.set_timesteps(10, device="cpu")

@@ -109,6 +109,18 @@ def tiny_stable_diffusion(folder, img2img=False, prediction_type="epsilon"):
     return pipe
 
 
+def saved_tiny_stable_diffusion(folder, **kwargs):
+    """`tiny_stable_diffusion` saved as a pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+    `tokenizer/`, `scheduler/`), as `--model` takes it; returns the folder."""
+    import pathlib
+
+    folder = pathlib.Path(folder)
+    sources = folder.parent / f"{folder.name}-tokenizer"
+    sources.mkdir(parents=True, exist_ok=True)
+    tiny_stable_diffusion(sources, **kwargs).save_pretrained(folder)
+    return folder
+
+
 def tiny_ldm():
     """An unconditional `LDMPipeline` (VQModel + UNet2DModel) of tiny random components."""
     from diffusers import DDIMScheduler, LDMPipeline

@@ -80,13 +80,24 @@ def hub_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def load_from_args(args: argparse.Namespace, gamma: bool = True):
-    """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`)."""
+def load_from_args(args: argparse.Namespace, gamma: bool = True, pipeline: bool = False):
+    """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`); with `pipeline`, a pipeline
+    that runs its own `__call__` (a VAE or text encoder) is loaded whole."""
     from ..loading import load
 
     dtype = DTYPES[getattr(args, "dtype", "float32")]
     return load(args.model, args.subfolder, args.scheduler_config, getattr(args, "gamma", None) if gamma else None,
-                torch_dtype=dtype)
+                torch_dtype=dtype, pipeline=pipeline)
+
+
+def refuse_own_call_pipeline(args: argparse.Namespace, reason: str) -> None:
+    """Raises `CommandError` for a `--model` pipeline with a VAE or text encoder (no `--subfolder`), which a command
+    working on a denoiser of pixels cannot serve; `reason` says why and what works instead."""
+    from ..loading import is_own_call_pipeline
+
+    if args.subfolder is None and is_own_call_pipeline(args.model):
+        raise CommandError(f"{args.model} is a pipeline with a VAE or text encoder: its denoiser sees latents (and "
+                           f"prompts). {reason}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,13 +9,23 @@ and the sums). While it runs, `gamma_partial.json` holds the finished timesteps;
 from it. Every file is replaced atomically, so an interrupted run never leaves a half-written or stale
 `scheduler_config.json`.
 
+A pipeline with a VAE or a text encoder (`LDMPipeline`, Stable Diffusion) is estimated as it samples: on the latents
+of the images (`--latent sample|mean`), and for text-to-image pipelines on the guided prediction at
+`--guidance-scale` for `--prompt` (one for all images) or `--captions FILE` (one per image); the scheduler config
+records what the table was estimated for (see `estimate_pipeline_gamma`).
+
+    analytic-schedulers estimate-gamma --model stable-diffusion-v1-5/stable-diffusion-v1-5 --data ./images \\
+        --captions captions.txt --guidance-scale 7.5 --steps 25 --output ./sd15-analytic
+
 Multi-process: `accelerate launch $(which analytic-schedulers) estimate-gamma ...` splits the images over processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -61,33 +71,49 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint-seconds", type=float, default=30.0,
                         help="Write partial results at most this often (default 30 s).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    pipeline = parser.add_argument_group("pipelines with a VAE or text encoder (Stable Diffusion, LDM)")
+    text = pipeline.add_mutually_exclusive_group()
+    text.add_argument("--prompt", default=None, help="One prompt for every image (default: the empty prompt, whose "
+                      "table does not depend on the guidance scale).")
+    text.add_argument("--captions", default=None, metavar="FILE",
+                      help="A text file with one caption per line, line i for image i: a folder's images in sorted "
+                           "path order (all are read; --num-samples takes the first), or a dataset's rows.")
+    pipeline.add_argument("--guidance-scale", type=float, default=None,
+                          help="The guidance scale you will sample with (required with --prompt or --captions).")
+    pipeline.add_argument("--latent", default=None, choices=["sample", "mean"],
+                          help="Encode each image as a draw from the VAE posterior (default: sample, what the "
+                               "denoiser was trained on) or as its mean.")
     add_hub_options(parser, "the scheduler folder", "analytic_scheduler")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_images
     from ..runtime import command_device, make_accelerator
     from ..scheduling_analytic_dpm import AnalyticDPMScheduler
 
     fill = _check_arguments(args)
     output = Path(args.output)
     accelerator = make_accelerator(args.device)
-    loaded = load_from_args(args, gamma=False)
-    model = loaded.unet.to(command_device(accelerator, args.device))
+    loaded = load_from_args(args, gamma=False, pipeline=True)
+    conditioning = _conditioning_options(args, loaded)
+    device = command_device(accelerator, args.device)
+    target = loaded.unet.to(device) if loaded.pipeline is None else loaded.pipeline.to(device)
     scheduler = AnalyticDPMScheduler.from_config(loaded.scheduler_config)
     timesteps = _parse_timesteps(args, scheduler)
-    images = load_images(args.data, loaded.sample_shape, args.split, args.num_samples, args.seed)
-    if args.num_samples is not None and len(images) < args.num_samples and accelerator.is_main_process:
-        print(f"--num-samples {args.num_samples}: the data holds only {len(images)} images; using {len(images)}.")
+    images = _load_data(args, loaded, conditioning, accelerator)
     settings = {
         "model": args.model, "subfolder": loaded.subfolder, "data": args.data, "num_samples": len(images),
         "seed": args.seed, "timesteps": timesteps, "prediction_type": scheduler.config.prediction_type,
-        "num_train_timesteps": scheduler.config.num_train_timesteps,
+        "num_train_timesteps": scheduler.config.num_train_timesteps, **_conditioning_settings(args, loaded),
     }
     resume_from = _resume_from(output, settings, args.overwrite, accelerator)
-    estimate = _estimate_with_checkpoints(model, images, scheduler, timesteps, settings, resume_from, args,
-                                          accelerator)
+    estimate = functools.partial(
+        _estimate_pipeline_gamma, target, images, scheduler=scheduler, num_samples=args.num_samples,
+        generator=args.seed, batch_size=args.batch_size, timesteps=timesteps, dtype=DTYPES[args.dtype],
+        accelerator=accelerator if accelerator.num_processes > 1 else None, progress=not args.no_progress,
+        **conditioning,
+    )
+    estimate = _estimate_with_checkpoints(estimate, settings, resume_from, args, accelerator)
     if accelerator.is_main_process:
         _write_scheduler_folder(output, estimate, loaded.scheduler_config, settings, fill)
         if args.push_to_hub:
@@ -97,6 +123,68 @@ def run(args: argparse.Namespace) -> int:
             print(f"Uploaded to {getattr(commit, 'commit_url', args.push_to_hub)}")
     accelerator.wait_for_everyone()
     return 0
+
+
+def _estimate_pipeline_gamma(*args, **kwargs):
+    """`estimate_pipeline_gamma`, its argument errors (captions that do not match the images, ...) as
+    `CommandError`s."""
+    from ..latent import estimate_pipeline_gamma
+
+    try:
+        return estimate_pipeline_gamma(*args, **kwargs)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+
+
+def _conditioning_options(args, loaded) -> Dict[str, Any]:
+    """The keyword arguments of `estimate_pipeline_gamma` for `--prompt`, `--captions`, `--guidance-scale` and
+    `--latent`; refused for a model this package samples in pixel space."""
+    given = [f"--{name.replace('_', '-')}" for name in ("prompt", "captions", "guidance_scale", "latent")
+             if getattr(args, name) is not None]
+    if loaded.pipeline is None:
+        if given:
+            raise CommandError(f"{', '.join(given)} apply to pipelines with a VAE or text encoder (LDM, Stable "
+                               f"Diffusion); {args.model} is a {type(loaded.unet).__name__} denoising pixels.")
+        return {}
+    captions = None if args.captions is None else _read_captions(args.captions)
+    return {"captions": captions, "prompt": args.prompt, "guidance_scale": args.guidance_scale,
+            "latent": args.latent or "sample"}
+
+
+def _conditioning_settings(args, loaded) -> Dict[str, Any]:
+    """What the conditioning options add to the settings a resumed run must repeat (nothing for pixel models)."""
+    if loaded.pipeline is None:
+        return {}
+    return {"prompt": args.prompt, "captions": args.captions, "guidance_scale": args.guidance_scale,
+            "latent": args.latent or "sample"}
+
+
+def _read_captions(path: str) -> List[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise CommandError(f"Could not read --captions {path!r}: {error}.") from None
+
+
+def _load_data(args, loaded, conditioning, accelerator):
+    """The images at the size the pipeline decodes to (the model's own size for pixel models); with `--captions`,
+    a folder is read whole and in order, so that line i is image i."""
+    from ..data import load_images
+
+    captions = conditioning.get("captions")
+    whole = captions is not None and os.path.isdir(args.data)
+    images = load_images(args.data, loaded.image_shape, args.split, None if whole else args.num_samples, args.seed)
+    used = len(images) if args.num_samples is None else min(args.num_samples, len(images))
+    if captions is not None and (len(captions) < used or (whole and len(captions) != len(images))):
+        raise CommandError(
+            f"--captions {args.captions!r} has {len(captions)} lines for {len(images)} images in {args.data!r}: give "
+            "one caption per image, line i for image i (a folder's images in sorted path order)."
+        )
+    if args.num_samples is not None and len(images) < args.num_samples and accelerator.is_main_process:
+        print(f"--num-samples {args.num_samples}: the data holds only {len(images)} images; using {len(images)}.")
+    if captions is not None:
+        conditioning["captions"] = captions[:used]
+    return images
 
 
 def _check_arguments(args):
@@ -162,10 +250,10 @@ def _resume_from(output: Path, settings: Dict[str, Any], overwrite: bool, accele
     return resume_from
 
 
-def _estimate_with_checkpoints(model, images, scheduler, timesteps, settings, resume_from, args, accelerator):
-    """`estimate_gamma`, writing the finished timesteps to `gamma_partial.json` every `--checkpoint-seconds` and
-    when interrupted, so that rerunning the command loses nothing."""
-    from ..gamma import GammaEstimate, estimate_gamma
+def _estimate_with_checkpoints(estimate, settings, resume_from, args, accelerator):
+    """`estimate(resume_from=, callback=)`, writing the finished timesteps to `gamma_partial.json` every
+    `--checkpoint-seconds` and when interrupted, so that rerunning the command loses nothing."""
+    from ..gamma import GammaEstimate
 
     partial_path = Path(args.output) / PARTIAL_NAME
     latest: Dict[str, Any] = {"sums": None, "written": resume_from.sums if resume_from else None, "time": time.time()}
@@ -180,11 +268,7 @@ def _estimate_with_checkpoints(model, images, scheduler, timesteps, settings, re
             write_partial(sums)
 
     try:
-        return estimate_gamma(
-            model, images, scheduler, batch_size=args.batch_size, timesteps=timesteps, generator=args.seed,
-            accelerator=accelerator if accelerator.num_processes > 1 else None, dtype=DTYPES[args.dtype],
-            progress=not args.no_progress, resume_from=resume_from, callback=checkpoint,
-        )
+        return estimate(resume_from=resume_from, callback=checkpoint)
     except BaseException:
         if accelerator.is_main_process and latest["sums"] is not None and latest["sums"] is not latest["written"]:
             write_partial(latest["sums"])  # keep every finished timestep
@@ -198,8 +282,9 @@ def _write_scheduler_folder(output: Path, estimate, scheduler_config, settings, 
     table_fill = None if estimate.is_complete else fill
     write_gamma_folder(output, estimate, scheduler_config, settings, table_fill)
     (output / PARTIAL_NAME).unlink(missing_ok=True)
-    finite = estimate.stderr[torch.isfinite(estimate.stderr)]
-    print(f"Gamma estimated at {len(estimate.timesteps_estimated)} timesteps from {estimate.num_samples} images; "
+    sums = estimate.estimate  # the `GammaEstimate` of the `PipelineGammaEstimate`
+    finite = sums.stderr[torch.isfinite(sums.stderr)]
+    print(f"Gamma estimated at {len(sums.timesteps_estimated)} timesteps from {sums.num_samples} images; "
           f"largest standard error {finite.max().item() if len(finite) else float('nan'):.2g}.")
     if table_fill is not None:
         print(f"The other timesteps were filled ({table_fill!r}): sample with trajectories through the estimated "

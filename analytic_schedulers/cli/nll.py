@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 
-from . import CommandError, add_device_options, add_model_options, load_from_args
+from . import CommandError, add_device_options, add_model_options, load_from_args, refuse_own_call_pipeline
 from .sample import SPACINGS, model_and_sampler, with_spacing
 
 
@@ -55,6 +55,8 @@ def run(args) -> int:
     if args.steps < 1 or args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
         raise CommandError("--steps, --batch-size and --num-images must be positive.")
     name, gamma_source = _sampler_name(args.scheduler)
+    refuse_own_call_pipeline(args, "nll evaluates the ELBO of a denoiser of 8-bit pixels; the likelihood of a "
+                                   "latent or text-conditional pipeline is not supported.")
     accelerator = make_accelerator(args.device)
     device = command_device(accelerator, args.device)
     if gamma_source is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import CommandError, add_hub_options, add_model_options, hub_kwargs, load_from_args
+from . import (CommandError, add_hub_options, add_model_options, hub_kwargs, load_from_args,
+               refuse_own_call_pipeline)
 
 
 def add_parser(subparsers) -> None:
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
                                        gradient_accumulation_steps=args.gradient_accumulation_steps)
     except ValueError as error:  # e.g. fp16 without a GPU
         raise CommandError(str(error)) from None
+    refuse_own_call_pipeline(args, "train-head trains on images in pixel space only: a head for such a pipeline "
+                                   "composes and samples (NoiseSquareHeadModel.from_unet(pipe.unet)), but training "
+                                   "one is not supported yet.")
     loaded = load_from_args(args, gamma=False)
     images = load_images(args.data, loaded.sample_shape, args.split)
     head_model = NoiseSquareHeadModel.from_unet(loaded.unet, covariance_type=args.covariance_type,
