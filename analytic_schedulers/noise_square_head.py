@@ -229,6 +229,21 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         self.head = head.to(next(unet.parameters()))  # the backbone's device and dtype
         self.register_to_config(unet_config=_config_dict(unet), head_config=_config_dict(head),
                                 **{name: unet.config.get(name) for name in PIPELINE_KEYS})
+        # one backbone forward gives eps_hat and, through these hooks, the input of its output normalisation (and its
+        # time embedding): registered once here, not per call, so that `torch.compile` traces them
+        self._captured: Dict[str, torch.Tensor] = {}
+        self._capturing = False
+        unet.conv_norm_out.register_forward_pre_hook(self._keep_features)
+        if head.config.resblock:
+            unet.time_embedding.register_forward_hook(self._keep_time_embedding)
+
+    def _keep_features(self, module, args) -> None:
+        if self._capturing:  # only during this model's own forward (a backbone may be shared)
+            self._captured["features"] = args[0]
+
+    def _keep_time_embedding(self, module, args, output) -> None:
+        if self._capturing:
+            self._captured["temb"] = output
 
     @classmethod
     def from_unet(
@@ -286,28 +301,16 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         Returns:
             The backbone's output class (or a 1-tuple) with `sample = cat([eps_hat, h], dim=1)`, 2C channels.
         """
-        captured = {}
-
-        def keep_features(module, args):
-            captured["features"] = args[0]
-
-        def keep_temb(module, args, output):
-            captured["temb"] = output
-
-        # one backbone forward gives both eps_hat and the feature map at the input of its output normalisation
-        hooks = [self.unet.conv_norm_out.register_forward_pre_hook(keep_features)]
-        if self.head.config.resblock:
-            hooks.append(self.unet.time_embedding.register_forward_hook(keep_temb))
+        self._capturing = True
         try:
             output = self.unet(sample, timestep, *args, return_dict=True, **kwargs)
         finally:
-            for hook in hooks:
-                hook.remove()
+            self._capturing = False
         C, eps = self.head.config.in_channels, output.sample
         if eps.shape[1] == 2 * C:  # a learned-variance backbone: its first C channels are eps
             eps = eps.split(C, dim=1)[0]
-        features = captured["features"].to(self.head.conv.weight.dtype)
-        temb = captured.get("temb")
+        features = self._captured.pop("features").to(self.head.conv.weight.dtype)
+        temb = self._captured.pop("temb", None)
         h = self.head(features, None if temb is None else temb.to(features.dtype)).to(eps.dtype)
         out = torch.cat([eps, h], dim=1)
         return type(output)(sample=out) if return_dict else (out,)

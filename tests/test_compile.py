@@ -42,3 +42,29 @@ def test_compiled_unet_compiles_once_across_the_sampling_loop(tiny_unet):
             x = scheduler.step(compiled(x, t).sample, t, x, generator=generator).prev_sample
     assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def test_compiled_head_model_compiles_once_and_matches_eager(tiny_unet):
+    """The head model reads the backbone's features through hooks registered once, which dynamo traces."""
+    from torch._dynamo.utils import counters
+
+    from analytic_schedulers import NoiseSquareHeadModel, SNDPMScheduler
+
+    model = NoiseSquareHeadModel.from_unet(tiny_unet, covariance_type="npr", resblock=True)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(0.05)
+    scheduler = SNDPMScheduler(covariance_type="npr")
+    scheduler.set_timesteps(10)
+    with torch.no_grad():
+        eager = sample_loop(scheduler, model, 2)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    scheduler.set_timesteps(10)
+    with torch.no_grad():
+        out = sample_loop(scheduler, compiled, 2)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["stats"])
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
