@@ -131,8 +131,11 @@ def main():
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/...json)")
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/...png)")
     args = parser.parse_args()
-    if args.quick:
-        args.steps, args.num_samples, args.nll_images, args.no_reference = "10,25", 64, 32, True
+    if args.quick:  # smaller defaults; what the command line sets explicitly stays
+        quick = {"steps": "10,25", "num_samples": 64, "nll_images": 32, "no_reference": True}
+        for name, value in quick.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     suffix = "_quick" if args.quick else ""
     output = Path(args.output or RESULTS / f"quality_vs_steps{suffix}.json")
     plot_path = Path(args.plot or RESULTS / f"quality_vs_steps{suffix}.png")

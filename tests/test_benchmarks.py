@@ -31,6 +31,7 @@ def test_overhead_quick(tmp_path):
 def test_quality_vs_steps_quick(tmp_path):
     out_json, plot = tmp_path / "q.json", tmp_path / "q.png"
     run("quality_vs_steps.py", "--quick", "--threads", "1", "--steps", "10", "--num-samples", "32",
+        "--methods", "ddpm-small,ddim,analytic-ddpm,sn-ddpm,npr-ddpm", "--nll-images", "8",
         "--output", str(out_json), "--plot", str(plot), cwd=tmp_path)
     rows = json.loads(out_json.read_text())
     assert {r["method"] for r in rows} >= {"data", "ddpm-small", "analytic-ddpm", "sn-ddpm", "npr-ddpm"}
@@ -42,7 +43,7 @@ def test_quality_vs_steps_quick(tmp_path):
 
 
 def test_nll_table_and_gamma_throughput_quick(tmp_path):
-    assert "Analytic < DDPM beta" in run("nll_table.py", "--quick", cwd=tmp_path)
+    assert "Analytic < DDPM beta" in run("nll_table.py", "--quick", "--num-images", "16", cwd=tmp_path)
     run("gamma_throughput.py", "--quick", "--threads", "1", "--repeats", "1", cwd=tmp_path)
 
 
