@@ -85,3 +85,19 @@ def test_push_gamma_defaults(api, tmp_path):
     assert upload["path_in_repo"] == "analytic_scheduler" and upload["revision"] is None
     assert upload["commit_message"] == "Analytic-DPM Gamma table in analytic_scheduler/"
     assert not calls_named(api, "create_branch") and "README.md" in upload["files"]  # a card even then
+
+
+def test_train_head_pushes_the_head_alone_with_a_card(api, tmp_path, capsys):
+    out = tmp_path / "head"
+    assert main(["train-head", "--model", str(BUNDLED_MODEL), "--data", "sklearn-digits", "--covariance-type", "npr",
+                 "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1", "--output", str(out),
+                 "--no-progress", "--push-to-hub", "me/digits-heads", "--commit-message", "an NPR head"]) == 0
+    (upload,) = calls_named(api, "upload_folder")
+    assert upload["path_in_repo"] == "npr_head" and upload["commit_message"] == "an NPR head"
+    assert upload["token"] is None and calls_named(api, "create_repo")[0]["private"] is None
+    assert "checkpoints/*" in upload["ignore_patterns"]  # the checkpoints stay behind
+    card = upload["files"]["README.md"]
+    for fact in ("NPR-DPM noise-square head", "sklearn-digits", "steps 2", "batch_size 4", "final loss",
+                 "subfolder='npr_head'"):
+        assert fact in card, fact
+    assert json.loads(upload["files"]["config.json"])["_class_name"] == "NoiseSquareHead"
