@@ -31,14 +31,21 @@ def test_overhead_quick(tmp_path):
 def test_quality_vs_steps_quick(tmp_path):
     out_json, plot = tmp_path / "q.json", tmp_path / "q.png"
     run("quality_vs_steps.py", "--quick", "--threads", "1", "--steps", "10", "--num-samples", "32",
-        "--methods", "ddpm-small,ddim,analytic-ddpm,sn-ddpm,npr-ddpm", "--nll-images", "8",
+        "--methods", "ddpm-small,ddim,analytic-ddpm,sn-ddpm,npr-ddpm", "--nll-images", "8", "--seeds", "0,1",
         "--output", str(out_json), "--plot", str(plot), cwd=tmp_path)
-    rows = json.loads(out_json.read_text())
+    results = json.loads(out_json.read_text())
+    rows = results["rows"]
     assert {r["method"] for r in rows} >= {"data", "ddpm-small", "analytic-ddpm", "sn-ddpm", "npr-ddpm"}
-    for row in rows:
-        assert set(row) == {"method", "steps", "nll_bpd", "fid", "seconds"}
     by_method = {r["method"]: r for r in rows if r["steps"] == 10}
+    for row in by_method.values():
+        assert set(row["per_seed"]) == {"0", "1"} and row["fid_std"] is not None
+        assert row["fid"] == pytest.approx(sum(m["fid"] for m in row["per_seed"].values()) / 2)
     assert by_method["ddim"]["nll_bpd"] is None and by_method["analytic-ddpm"]["nll_bpd"] is not None
+    # common random numbers: the paired differences are per seed
+    (npr,) = [d for d in results["differences"] if d["method"] == "npr-ddpm" and d["metric"] == "nll_bpd"]
+    per_seed = [by_method["npr-ddpm"]["per_seed"][s]["nll_bpd"] - by_method["analytic-ddpm"]["per_seed"][s]["nll_bpd"]
+                for s in ("0", "1")]
+    assert npr["difference"] == pytest.approx(sum(per_seed) / 2) and npr["seeds"] == 2
     assert plot.stat().st_size > 0
 
 
