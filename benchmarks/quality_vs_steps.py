@@ -202,7 +202,9 @@ def main():
     if args.merge:
         rows = [r for path in args.merge for r in json.loads(Path(path).read_text())["rows"]]
         meta = json.loads(Path(args.merge[0]).with_suffix(".meta.json").read_text())
-        # the data row again, with as many train images as each run scored per row
+        # the data row again, with as many train images as each run scored per row, by the same classifier: trained
+        # with the runs' thread count (another count sums in another order and gives another classifier)
+        torch.set_num_threads(meta["threads"])
         fid = DigitsFID(seed=0, num_samples=meta["num_samples"])
         rows = [data_row(fid)] + [r for r in rows if r["method"] != "data"]
         write_results(rows, meta, output, plot_path)
