@@ -1,5 +1,5 @@
-"""How the package's tasks run: devices and processes, seeds, the one model call, atomic writes, and the pickle-free
-checkpoint format (tensors in safetensors files, everything else in JSON).
+"""How the package's tasks run: devices and processes, seeds, the one model call, atomic writes, and the checkpoint
+format (tensors in safetensors files, everything else in JSON).
 
 Every task (`estimate_gamma`, `nll_bits_per_dim`, head training, sampling) and every command goes through these
 functions, so that a model is called, a seed is read and a file is written the same way everywhere.
@@ -211,7 +211,7 @@ CHECKPOINT_STATE = "trainer_state.json"
 def save_checkpoint(folder: Union[str, os.PathLike], tensors: Dict[str, Dict[str, torch.Tensor]],
                     state: Dict[str, Any]) -> None:
     """
-    Writes a checkpoint folder without pickles: one `<name>.safetensors` per entry of `tensors`, and
+    Writes a checkpoint folder of safetensors and JSON only: one `<name>.safetensors` per entry of `tensors`, and
     `trainer_state.json`.
 
     The folder is written beside its final place and renamed into it, so a reader (or a resumed run) only ever sees

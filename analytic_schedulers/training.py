@@ -9,7 +9,7 @@ What a run writes to its `output_dir`:
 - the final head, a `NoiseSquareHead` folder (`config.json`, `diffusion_pytorch_model.safetensors`, EMA weights),
   which `load_head_model(output_dir, unet)` composes with the backbone,
 - `loss_history.json`, the loss of every optimizer step,
-- `checkpoints/checkpoint-<step>/`, written by `runtime.save_checkpoint` without pickles: the head, the EMA weights,
+- `checkpoints/checkpoint-<step>/`, written by `runtime.save_checkpoint` (safetensors and JSON only): the head, the EMA weights,
   Adam's moments and the RNG states in safetensors files; scalars and hyperparameters in `trainer_state.json`.
 """
 
