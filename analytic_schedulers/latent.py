@@ -30,8 +30,8 @@ import torch
 from .data import images_from_batch
 from .gamma import estimate_gamma
 from .pipeline_gamma import PipelineGammaEstimate
-from .schedule import alphas_cumprod_float64
 from .runtime import GeneratorLike, make_generator, model_device_dtype, model_output_tensor, seed_of, stream_seed
+from .schedule import alphas_cumprod_float64
 
 __all__ = ["GuidedPrediction", "encode_captions", "encode_images", "estimate_pipeline_gamma", "image_batches"]
 
