@@ -2,6 +2,9 @@
 
 import io
 import logging
+import os
+import socket
+import subprocess
 import sys
 
 import torch
@@ -16,6 +19,23 @@ def sample_loop(scheduler, model, num_samples, seed=0, shape=(1, 8, 8), **step_k
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
     return x
+
+
+def launch_two_processes(script, *args, tmp_path, timeout=300):
+    """Runs `script` (a path) as two CPU processes under `accelerate launch`; returns the completed process.
+
+    accelerate 1.x runs `--cpu --num_processes 2` as ONE process (its multi-CPU path needs mpirun); the torchrun
+    launcher (`--multi_gpu`) with `Accelerator(cpu=True)` in the script gives two real CPU processes (gloo).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml"),
+           "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(script), *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------------ read-backs
