@@ -13,7 +13,8 @@ pixel. So the head's whole training set can be computed once:
    `eps`, `eps_hat`, `x0_hat` (`C` channels each) and the transition.
 2. **Fit** (`fit_output_layer`). Full-batch L-BFGS on the conv's weights and bias only (`9 F + 1` numbers per output
    channel for `F` feature channels), starting from the head's current weights (zero for a new head: `h = 1`), on
-   one of the losses below, plus `l2 * ||w||^2`.
+   one of the losses below, plus `l2 * ||w||^2`. With several processes each keeps its own rows and every
+   evaluation sums the loss and its gradient over them.
 
 Losses, each averaged over rows and channels (see `docs/method.md`, "Fitting the head: the cached recipe"):
 
@@ -26,9 +27,9 @@ Losses, each averaged over rows and channels (see `docs/method.md`, "Fitting the
   variance; also minimised by the conditional mean, and scale-free.
 - `"mse"`: the papers' `(h - target)^2`.
 
-Cost on the bundled 16x16 digits model, one CPU thread: about 2 ms per draw for the cache and 25-35 s for the fit at
-the default 20,000 draws (about a minute in all), where the plain recipe takes 0.15 s per Adam step and needs about
-5000 steps to beat Analytic-DPM's likelihood.
+Cost on the bundled 16x16 digits model, one CPU thread: about 2 ms per draw for the cache (40 s at the default 20,000
+draws) and 25-35 s for the fit, 60-75 s in all, where the plain recipe takes 0.11-0.15 s per Adam step (batch 64)
+and needs about 5000 steps to beat Analytic-DPM's likelihood.
 
 Not covered: heads with a ResBlock (not linear in their weights: use the plain recipe); `timestep_spacing="optimal"`
 (pass the model's own scheduler). The KL is that of the DDPM forward process (`eta = 1`), the one with an ELBO; the
@@ -51,8 +52,10 @@ from .noise_square_head import NoiseSquareHeadModel, apply_output_activation
 from .runtime import GeneratorLike, call_model, make_generator, model_device_dtype, seed_of, stream_seed, to_device
 from .schedule import alphas_cumprod_float64, spaced_timesteps
 
-__all__ = ["CachedFitRecipe", "HeadCache", "HeadFit", "collect_head_cache", "fit_noise_square_head",
-           "fit_output_layer", "fit_transitions", "head_objective", "noise_square_target", "step_kl_bits"]
+__all__ = ["CachedFitRecipe", "HeadCache", "HeadFit", "KLSegment", "OutputLayerFit", "StepCoefficients",
+           "collect_head_cache", "fit_noise_square_head", "fit_output_layer", "fit_transitions", "gaussian_nll",
+           "head_objective", "kl_segments", "neighbourhoods", "noise_square_target", "posterior_mean_gap",
+           "step_kl_bits"]
 
 LOSSES = ("kl", "gnll", "mse")
 RESBLOCK_HELP = (
@@ -83,7 +86,8 @@ class CachedFitRecipe:
         gnll_weight (`float`, defaults to 0.01): with `"kl"`, add this times the `"gnll"` loss, which pins `h` where
             the KL is flat (`v` bounded) so that `h` estimates its target at every fitted step; it leaves the NLL
             unchanged. Needs `output_activation="softplus"` (0 switches it off).
-        max_evaluations (`int`, defaults to 300): L-BFGS evaluations of the loss (and iterations) at most.
+        max_evaluations (`int`, defaults to 300): L-BFGS stops after this many evaluations of the loss (its line
+            search may finish with one more), or earlier once it has converged.
         l2 (`float`, defaults to 1e-6): ridge penalty on the conv's weights.
         batch_size (`int`, defaults to 128): draws per backbone call while caching.
     """

@@ -16,7 +16,8 @@ Protocol for seed s, fixed before any result was seen (the research for issue #1
 
     python benchmarks/heads.py [--seeds 0,1,2] [--num-samples 300] [--quick]
 
-One CPU thread by default; the full run takes about half an hour on one core (training included).
+One CPU thread by default; the full run takes about 20 minutes on one core, training included
+(`benchmarks/results/heads.json`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Bench:
         self.scheduler = self._ddpm_scheduler()
         self.train_images = digits_images("train", 16)
         self.test_x0 = quantize_8bit(digits_images("test", 16))[: args.nll_images]
-        self.fid = DigitsFID(size=16, seed=0, num_samples=args.num_samples)
+        self.fid = DigitsFID(size=16, seed=0, epochs=args.fid_epochs, num_samples=args.num_samples)
         self.recipe = CachedFitRecipe(num_draws=args.draws)
 
     def _ddpm_scheduler(self):
@@ -201,13 +202,15 @@ def parse_args():
     parser.add_argument("--nll-images", type=int, default=297, help="held-out images for NLL (all 297 by default)")
     parser.add_argument("--batch-size", type=int, default=300)
     parser.add_argument("--calibration-steps", type=int, default=40, help="plain steps timed for the per-step cost")
+    parser.add_argument("--fid-epochs", type=int, default=30, help="epochs of the FID classifier (default 30)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="1 seed, K = 10, 200 draws, 32 samples, 16 NLL images")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, K = 10, 200 draws, 32 samples, 16 NLL images, a 2-epoch FID classifier (CI)")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/heads.json)")
     args = parser.parse_args()
     if args.quick:  # smaller defaults; what the command line sets explicitly stays
         quick = {"seeds": "0", "steps": "10", "draws": 200, "num_samples": 32, "nll_images": 16,
-                 "calibration_steps": 3}
+                 "calibration_steps": 3, "fid_epochs": 2}
         for name, value in quick.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)

@@ -2,8 +2,6 @@
 
 import json
 import math
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel
 from analytic_schedulers.gamma import GammaEstimate, GammaSums, estimate_gamma, fill_missing, mean_square_per_sample
-from helpers import launch_two_processes, sample_loop
+from helpers import run_two_processes, sample_loop
 
 S = 0.3  # data std of the isotropic Gaussian check
 
@@ -331,11 +329,7 @@ with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as f:
 
 
 def test_accelerate_launch_two_processes_split_the_work(tmp_path):
-    script = tmp_path / "estimate.py"
-    script.write_text(textwrap.dedent(ACCELERATE_SCRIPT))
-    result = launch_two_processes(script, tmp_path, tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_processes(ACCELERATE_SCRIPT, tmp_path)
     assert all(r["world"] == 2 and r["num_samples"] == 2048 for r in ranks)
     assert ranks[0]["gamma"] == ranks[1]["gamma"]  # every process returns the same table
     estimated = [t for t, g in enumerate(ranks[0]["gamma"]) if g is not None]

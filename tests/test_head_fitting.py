@@ -2,7 +2,6 @@
 the scheduler see, it runs on a random UNet and writes a loadable head, bad inputs are refused, the command line."""
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from analytic_schedulers.head_fitting import (CachedFitRecipe, collect_head_cach
 from analytic_schedulers.noise_square_head import SOFTPLUS_SHIFT, load_head_model
 from analytic_schedulers.sampling import build_sampler, sample_images
 from analytic_schedulers.training import train_noise_square_head
-from helpers import launch_two_processes
+from helpers import run_two_processes
 
 STD = [0.1, 0.2, 0.35, 0.6]  # per pixel of a 2x2 sample
 K = 10
@@ -216,11 +215,7 @@ with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as f:
 
 
 def test_two_processes_share_the_draws_and_fit_one_head(tmp_path):
-    script = tmp_path / "fit.py"
-    script.write_text(textwrap.dedent(TWO_PROCESSES))
-    result = launch_two_processes(script, tmp_path, tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_processes(TWO_PROCESSES, tmp_path)
     assert all(r["world"] == 2 for r in ranks)
     assert [r["inputs"] for r in ranks] == [31, 30]  # draws 0, 2, ... and 1, 3, ...: split, not repeated
     assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["weight"] == ranks[1]["weight"]

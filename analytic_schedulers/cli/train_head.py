@@ -115,16 +115,11 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_images
     from ..noise_square_head import NoiseSquareHeadModel
     from ..runtime import make_accelerator, write_json_atomically
-    from ..training import latest_checkpoint, train_noise_square_head
+    from ..training import train_noise_square_head
 
     recipe = choose_recipe(args)
     if recipe == "plain":
-        steps = args.steps or PLAIN_STEPS
-        if steps < 1 or args.batch_size < 1 or args.lr <= 0 or args.checkpoint_every < 1:
-            raise CommandError("--steps, --batch-size, --lr and --checkpoint-every must be positive.")
-        if os.path.isdir(args.output) and latest_checkpoint(args.output) and not args.resume:
-            raise CommandError(f"{args.output} already has checkpoints: pass --resume to continue, or another "
-                               "--output.")
+        _check_plain_options(args)
     try:
         accelerator = make_accelerator(args.device, mixed_precision=args.mixed_precision,
                                        gradient_accumulation_steps=args.gradient_accumulation_steps)
@@ -142,18 +137,12 @@ def run(args: argparse.Namespace) -> int:
     if accelerator.is_main_process:
         os.makedirs(args.output, exist_ok=True)
         write_json_atomically(args_path, record, indent=1)
+    accelerator.print(f"train-head: {record['recipe']} recipe, {args.covariance_type} head on {loaded.name} "
+                      f"({len(images)} images of {tuple(images.shape[1:])}), " + _plan(args, recipe))
+    kwargs = dict(recipe=recipe)
     if recipe == "plain":
-        accelerator.print(f"train-head: plain recipe, {args.covariance_type} head on {loaded.name} ({len(images)} "
-                          f"images of {tuple(images.shape[1:])}), {steps} steps of batch {args.batch_size}")
-        kwargs = dict(recipe="plain", num_steps=steps, batch_size=args.batch_size, lr=args.lr,
-                      ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      log_every=args.log_every)
-    else:
-        accelerator.print(f"train-head: cached recipe, {args.covariance_type} head on {loaded.name} ({len(images)} "
-                          f"images of {tuple(images.shape[1:])}), {recipe.num_draws} draws on the steps of K = "
-                          f"{', '.join(map(str, recipe.num_inference_steps))}, loss {recipe.loss}"
-                          + (" (one-shot: --resume has nothing to resume)" if args.resume else ""))
-        kwargs = dict(recipe=recipe)
+        kwargs.update(num_steps=record["steps"], batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, log_every=args.log_every)
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     try:
         losses = train_noise_square_head(head_model, images, DDPMScheduler.from_config(loaded.scheduler_config),
@@ -172,6 +161,22 @@ def run(args: argparse.Namespace) -> int:
         commit = push_head_to_hub(args.output, args.push_to_hub, base_model=args.model, **hub_kwargs(args))
         print(f"Uploaded to {getattr(commit, 'commit_url', args.push_to_hub)}")
     return 0
+
+
+def _check_plain_options(args: argparse.Namespace) -> None:
+    from ..training import latest_checkpoint
+
+    if (args.steps is not None and args.steps < 1) or args.batch_size < 1 or args.lr <= 0 or args.checkpoint_every < 1:
+        raise CommandError("--steps, --batch-size, --lr and --checkpoint-every must be positive.")
+    if os.path.isdir(args.output) and latest_checkpoint(args.output) and not args.resume:
+        raise CommandError(f"{args.output} already has checkpoints: pass --resume to continue, or another --output.")
+
+
+def _plan(args: argparse.Namespace, recipe) -> str:
+    if recipe == "plain":
+        return f"{args.steps or PLAIN_STEPS} steps of batch {args.batch_size}"
+    return (f"{recipe.num_draws} draws on the steps of K = {', '.join(map(str, recipe.num_inference_steps))}, loss "
+            f"{recipe.loss}" + (" (one-shot: --resume has nothing to resume)" if args.resume else ""))
 
 
 def _report(accelerator, recipe, losses, record: dict, output: str) -> None:
