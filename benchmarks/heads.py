@@ -70,7 +70,7 @@ class Bench:
         self.train_images = digits_images("train", 16)
         self.test_x0 = quantize_8bit(digits_images("test", 16))[: args.nll_images]
         self.fid = DigitsFID(size=16, seed=0, epochs=args.fid_epochs, num_samples=args.num_samples)
-        self.recipe = CachedFitRecipe(num_draws=args.draws)
+        self.recipe = CachedFitRecipe(num_draws=args.draws, max_evaluations=args.max_evaluations)
 
     def _ddpm_scheduler(self):
         from diffusers import DDPMScheduler
@@ -198,6 +198,8 @@ def parse_args():
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", default="10,25", help="K's to evaluate")
     parser.add_argument("--draws", type=int, default=CachedFitRecipe().num_draws, help="the cached recipe's draws")
+    parser.add_argument("--max-evaluations", type=int, default=CachedFitRecipe().max_evaluations,
+                        help="the cached recipe's L-BFGS evaluations")
     parser.add_argument("--num-samples", type=int, default=300, help="samples per FID")
     parser.add_argument("--nll-images", type=int, default=297, help="held-out images for NLL (all 297 by default)")
     parser.add_argument("--batch-size", type=int, default=300)
@@ -205,12 +207,13 @@ def parse_args():
     parser.add_argument("--fid-epochs", type=int, default=30, help="epochs of the FID classifier (default 30)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, K = 10, 200 draws, 32 samples, 16 NLL images, a 2-epoch FID classifier (CI)")
+                        help="1 seed, K = 10, 200 draws, 30 L-BFGS evaluations, 32 samples, 16 NLL images, a 2-epoch "
+                             "FID classifier (CI)")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/heads.json)")
     args = parser.parse_args()
     if args.quick:  # smaller defaults; what the command line sets explicitly stays
-        quick = {"seeds": "0", "steps": "10", "draws": 200, "num_samples": 32, "nll_images": 16,
-                 "calibration_steps": 3, "fid_epochs": 2}
+        quick = {"seeds": "0", "steps": "10", "draws": 200, "max_evaluations": 30, "num_samples": 32,
+                 "nll_images": 16, "calibration_steps": 3, "fid_epochs": 2}
         for name, value in quick.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
