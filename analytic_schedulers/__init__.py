@@ -10,6 +10,7 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (looked up here 
 
 from .gamma import GammaEstimate, GammaSums, estimate_gamma
 from .gaussian import GaussianDataModel
+from .head_fitting import CachedFitRecipe, fit_noise_square_head
 from .latent import encode_images, estimate_pipeline_gamma
 from .likelihood import NELBOTerms, dataset_nll_bits_per_dim, nelbo_terms_bpd, nll_bits_per_dim
 from .noise_square_head import NoiseSquareHead, NoiseSquareHeadModel, load_head_model
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AnalyticDPMScheduler",
     "AnalyticDPMSchedulerOutput",
+    "CachedFitRecipe",
     "GammaEstimate",
     "GammaSums",
     "GaussianDataModel",
@@ -40,6 +42,7 @@ __all__ = [
     "encode_images",
     "estimate_pipeline_gamma",
     "estimate_gamma",
+    "fit_noise_square_head",
     "load_head_model",
     "nelbo_terms_bpd",
     "nll_bits_per_dim",

@@ -21,7 +21,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 #: Keys under which a dict batch (or a Hugging Face dataset row) holds its images, in the order they are tried.
 IMAGE_KEYS = ("pixel_values", "images", "image", "img", "input")
 
-__all__ = ["DIGITS", "DataError", "images_from_batch", "load_images", "quantize_8bit", "shard_images"]
+__all__ = ["DIGITS", "DataError", "images_from_batch", "load_images", "quantize_8bit", "shard_images",
+           "training_images"]
 
 
 class DataError(ValueError):
@@ -187,6 +188,32 @@ def images_from_batch(batch) -> torch.Tensor:
             f"Expected float images in [-1, 1], got dtype {batch.dtype}. For uint8 images use `x / 127.5 - 1`."
         )
     return batch
+
+
+def training_images(data, in_channels: int) -> torch.Tensor:
+    """
+    `data` as one float tensor `[N, C, H, W]` held in memory, with its channels checked against the model's: a float
+    tensor or array, a dict batch (`images_from_batch`), or a sequence of `[C, H, W]` images or of dataset items
+    (`(image, label)` tuples, dicts) holding them.
+
+    Raises:
+        TypeError / ValueError: what `data` is instead, and what it must be.
+    """
+    if isinstance(data, (torch.Tensor, np.ndarray, dict)):
+        images = images_from_batch(data)
+    else:
+        try:
+            images = torch.stack([images_from_batch(data[i]) for i in range(len(data))])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                "`data` must be float images [N, C, H, W] in [-1, 1]: a tensor or array, or a sequence of [C, H, W] "
+                f"images (or of dataset items holding them): {error}"
+            ) from None
+    if images.ndim != 4 or images.shape[1] != in_channels or len(images) == 0:
+        raise ValueError(
+            f"`data` must have shape [N, {in_channels}, H, W] (the backbone's channels), got {tuple(images.shape)}."
+        )
+    return images.float()
 
 
 def shard_images(data, num_samples: Optional[int], rank: int = 0, world_size: int = 1,

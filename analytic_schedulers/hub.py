@@ -136,19 +136,24 @@ def head_card(folder: Union[str, os.PathLike], base_model: Optional[str] = None)
     """The model card of a head folder (config, and `loss_history.json` / `training_args.json` when present)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    history = folder / "loss_history.json"
-    losses = json.loads(history.read_text(encoding="utf-8")).get("losses", []) if history.is_file() else []
+    history_path = folder / "loss_history.json"
+    history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}
+    losses = history.get("losses", [])
     training = folder / "training_args.json"
     args: Dict[str, Any] = json.loads(training.read_text(encoding="utf-8")) if training.is_file() else {}
     base_model = base_model or args.get("model")
     kind = config.get("covariance_type", "sn")
+    recipe = args.get("recipe", history.get("recipe", "plain" if "steps" in args else None))
     rows = {
         "backbone": base_model or "unknown",
         "covariance type": f"{kind} (h ~ " + ("E[eps^2 | x_t])" if kind == "sn" else "E[(eps - eps_hat)^2 | x_t])"),
         "data": args.get("data", "unknown"),
-        "training": ", ".join(f"{k} {args[k]}" for k in ("steps", "batch_size", "lr", "seed") if k in args)
+        "recipe": HEAD_RECIPES.get(recipe, "unknown"),
+        "training": ", ".join(f"{k} {_card_value(args[k])}" for k in HEAD_TRAINING_KEYS.get(recipe, ()) if k in args)
                     or "unknown",
-        "final loss": f"{sum(losses[-100:]) / len(losses[-100:]):.5f} (mean of the last steps)" if losses else "unknown",
+        "CPU seconds": f"{args['cpu_seconds']:.0f} (main process, {args.get('num_processes', 1)} in all)"
+                       if "cpu_seconds" in args else "unknown",
+        "final loss": _final_loss(losses, recipe),
         "package": f"analytic-schedulers {_version()}",
     }
     return _card(
@@ -164,6 +169,25 @@ def head_card(folder: Union[str, os.PathLike], base_model: Optional[str] = None)
                f"pipe.unet = load_head_model(REPO_ID, unet=pipe.unet, subfolder={kind + '_head'!r})\n"
                f"pipe.scheduler = SNDPMScheduler.from_config(pipe.scheduler.config, covariance_type={kind!r})"),
     )
+
+
+HEAD_RECIPES = {
+    "cached": "cached: one backbone pass per draw, then the output layer fitted by L-BFGS on the ELBO's step KL",
+    "plain": "plain: Adam on the squared error of h, EMA of the weights (Bao et al.)",
+}
+HEAD_TRAINING_KEYS = {"cached": ("draws", "fit_steps", "loss", "seed"), "plain": ("steps", "batch_size", "lr", "seed")}
+
+
+def _card_value(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _final_loss(losses, recipe: Optional[str]) -> str:
+    if not losses:
+        return "unknown"
+    if recipe == "cached":
+        return f"{losses[-1]:.5f} (the fit's objective at its last evaluation)"
+    return f"{sum(losses[-100:]) / len(losses[-100:]):.5f} (mean of the last steps)"
 
 
 def _short_list(values, most: int = 12) -> str:

@@ -158,9 +158,14 @@ class NoiseSquareHead(ModelMixin, ConfigMixin):
         if self.resnet is not None:
             features = self.resnet(features, temb)
         raw = self.conv(self.act(self.norm(features)))
-        if self.config.output_activation == "softplus":
-            return F.softplus(raw.float() + SOFTPLUS_SHIFT)
-        return raw
+        return apply_output_activation(raw, self.config.output_activation)
+
+
+def apply_output_activation(raw: torch.Tensor, output_activation: str) -> torch.Tensor:
+    """`h` from the head's raw conv output `r`: `softplus(r + log(e - 1))` (in float32) or `r` itself (`"identity"`)."""
+    if output_activation == "softplus":
+        return F.softplus(raw.float() + SOFTPLUS_SHIFT)
+    return raw
 
 
 class NoiseSquareHeadModel(ModelMixin, ConfigMixin):

@@ -1,8 +1,13 @@
 """Helpers shared by the tests (importable because pytest puts this folder on sys.path)."""
 
 import io
+import json
 import logging
+import os
+import socket
+import subprocess
 import sys
+import textwrap
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -16,6 +21,29 @@ def sample_loop(scheduler, model, num_samples, seed=0, shape=(1, 8, 8), **step_k
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
     return x
+
+
+def run_two_processes(source, tmp_path, timeout=300):
+    """
+    Runs the script `source` as two CPU processes under `accelerate launch`, with `tmp_path` as its one argument; each
+    process writes `rank<r>.json` there, which come back as a list.
+
+    accelerate 1.x runs `--cpu --num_processes 2` as ONE process (its multi-CPU path needs mpirun); the torchrun
+    launcher (`--multi_gpu`) with `Accelerator(cpu=True)` in the script gives two real CPU processes (gloo).
+    """
+    script = tmp_path / "two_processes.py"
+    script.write_text(textwrap.dedent(source))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml"),
+           "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(script), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 # ------------------------------------------------------------------------------------------------ read-backs

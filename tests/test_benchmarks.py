@@ -54,6 +54,18 @@ def test_nll_table_and_gamma_throughput_quick(tmp_path):
     run("gamma_throughput.py", "--quick", "--threads", "1", "--repeats", "1", cwd=tmp_path)
 
 
+def test_heads_quick(tmp_path):
+    out = run("heads.py", "--quick", "--output", str(tmp_path / "h.json"), cwd=tmp_path)
+    results = json.loads((tmp_path / "h.json").read_text())
+    labels = {e["label"] for e in results["summary"]}
+    assert labels == {"analytic", "npr-cached", "sn-cached", "npr-plain", "sn-plain", "analytic-noclip",
+                      "npr-cached-noclip"}
+    by_label = {e["label"]: e for e in results["summary"]}
+    assert by_label["npr-cached"]["head_cpu_seconds"] > 0 and by_label["npr-plain"]["plain_steps"] >= 1
+    assert "nll_bpd_vs_analytic" in by_label["npr-cached"] and "nll_bpd" not in by_label["npr-cached-noclip"]
+    assert results["meta"]["recipe"]["num_draws"] == 200 and "ΔNLL vs Analytic" in out
+
+
 @pytest.fixture
 def gpu_report(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

@@ -2,11 +2,6 @@
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -14,7 +9,7 @@ import torch
 
 from analytic_schedulers import AnalyticDPMScheduler, GaussianDataModel
 from analytic_schedulers.gamma import GammaEstimate, GammaSums, estimate_gamma, fill_missing, mean_square_per_sample
-from helpers import sample_loop
+from helpers import run_two_processes, sample_loop
 
 S = 0.3  # data std of the isotropic Gaussian check
 
@@ -333,25 +328,8 @@ with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as f:
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_launch_two_processes_split_the_work(tmp_path):
-    script = tmp_path / "estimate.py"
-    script.write_text(textwrap.dedent(ACCELERATE_SCRIPT))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml"),
-           "HF_HUB_OFFLINE": "1"}
-    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process (its multi-CPU path needs mpirun); the torchrun
-    # launcher (`--multi_gpu`) with `Accelerator(cpu=True)` in the script gives two real CPU processes (gloo)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), str(script), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_processes(ACCELERATE_SCRIPT, tmp_path)
     assert all(r["world"] == 2 and r["num_samples"] == 2048 for r in ranks)
     assert ranks[0]["gamma"] == ranks[1]["gamma"]  # every process returns the same table
     estimated = [t for t, g in enumerate(ranks[0]["gamma"]) if g is not None]

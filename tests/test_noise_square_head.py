@@ -306,13 +306,19 @@ def test_folder_of_version_0_1_without_its_backbone(tmp_path):
     assert_same_output(NoiseSquareHeadModel.from_pretrained(tmp_path / "head", unet=model.unet), model, *inputs())
 
 
-# ------------------------------------------------------------------------------------------------ the bundled heads
+@pytest.mark.parametrize("covariance_type", ["sn", "npr"])
+def test_a_head_folder_exactly_as_version_0_1_wrote_it_loads(tmp_path, covariance_type):
+    """The 0.1 format as it was released (the bundled heads shipped in it), rebuilt by hand for the digits backbone."""
+    unet = UNet2DModel.from_pretrained(BUNDLED, subfolder="unet")
+    model = perturb_head(NoiseSquareHeadModel.from_unet(unet, covariance_type=covariance_type))
+    subfolder = f"{covariance_type}_head"
+    write_legacy_head(tmp_path / subfolder, model, backbone_subfolder="../unet", save_backbone=False)
+    released = dict(RELEASED_HEAD_CONFIG, covariance_type=covariance_type)
+    assert json.loads((tmp_path / subfolder / "config.json").read_text()) == released
+    assert_same_output(NoiseSquareHeadModel.from_pretrained(tmp_path / subfolder, unet=unet), model,
+                       *inputs(batch=4, size=16))
 
-# the bundled heads as analytic-schedulers 0.1 shipped them: sha256 over (name, bytes) of their tensors, and the config
-BUNDLED_HEAD_DIGESTS = {
-    "sn": "66b9c068f488ef9386f4d4bad1a81d5f6cc515b16da11c2483e77943cc51c2b6",
-    "npr": "1aedf2b2a157c0afef6d0d36eb85dbb97f3ceed74b67ba4224dc42629dd7e3c3",
-}
+
 RELEASED_HEAD_CONFIG = {
     "_class_name": "NoiseSquareHeadModel", "_diffusers_version": "0.42.1", "backbone_path": None,
     "backbone_subfolder": "../unet", "feature_channels": 32, "in_channels": 1, "norm_eps": 1e-05,
@@ -320,8 +326,18 @@ RELEASED_HEAD_CONFIG = {
 }
 
 
+# ------------------------------------------------------------------------------------------------ the bundled heads
+
+# the bundled heads, fitted by the cached recipe as the model card says: sha256 over (name, bytes) of their tensors,
+# so that replacing them is a decision recorded here, not an accident
+BUNDLED_HEAD_DIGESTS = {
+    "sn": "3ee0de23a2839688e5ce2d09fb520d85a372cb3b6c1339be6c3f468454e0235f",
+    "npr": "d860680ecccd0e3bac475f9cfb5630e252a16bd9ae205a17cdd8f05716ad4633",
+}
+
+
 @pytest.mark.parametrize("covariance_type", ["sn", "npr"])
-def test_bundled_heads_give_what_the_released_ones_gave(tmp_path, covariance_type):
+def test_bundled_heads_load_bit_for_bit_as_saved(covariance_type):
     unet = UNet2DModel.from_pretrained(BUNDLED, subfolder="unet")
     subfolder = f"{covariance_type}_head"
     weights = load_file(BUNDLED / subfolder / "diffusion_pytorch_model.safetensors")
@@ -329,12 +345,14 @@ def test_bundled_heads_give_what_the_released_ones_gave(tmp_path, covariance_typ
     for key in sorted(weights):
         digest.update(key.encode())
         digest.update(weights[key].contiguous().numpy().tobytes())
-    assert digest.hexdigest() == BUNDLED_HEAD_DIGESTS[covariance_type]  # the released weights, renamed only
+    assert digest.hexdigest() == BUNDLED_HEAD_DIGESTS[covariance_type]
     model = load_head_model(BUNDLED, unet, subfolder=subfolder)
-    assert model.covariance_type == covariance_type
-    # the released folder rebuilt in the old format, read by the old format's loader: the reference [eps, h]
-    write_legacy_head(tmp_path / subfolder, model, backbone_subfolder="../unet", save_backbone=False)
-    released = dict(RELEASED_HEAD_CONFIG, covariance_type=covariance_type)
-    assert json.loads((tmp_path / subfolder / "config.json").read_text()) == released
-    reference = NoiseSquareHeadModel.from_pretrained(tmp_path / subfolder, unet=unet)
-    assert_same_output(model, reference, *inputs(batch=4, size=16))
+    assert model.covariance_type == covariance_type and not model.head.config.resblock
+    state = model.head.state_dict()
+    assert sorted(state) == sorted(weights) and all(torch.equal(state[key], weights[key]) for key in weights)
+    # the cached recipe fits the output conv only: the GroupNorm keeps its initial identity affine
+    assert torch.equal(state["norm.weight"], torch.ones(32)) and torch.equal(state["norm.bias"], torch.zeros(32))
+    x, t = inputs(batch=4, size=16)
+    with torch.no_grad():
+        eps, h = model(x, t).sample.split(1, dim=1)
+        assert torch.equal(eps, unet(x, t).sample) and (h > 0).all()
