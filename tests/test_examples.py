@@ -36,10 +36,10 @@ def test_estimate_gamma_then_compute_nll(tmp_path):
 
 
 def test_train_sn_head(tmp_path):
-    out = run_example("train_sn_head.py", "--model", str(BUNDLED), "--data", "sklearn-digits", "--steps", "3",
-                      "--batch-size", "8", "--num-images", "64", "--output", "head", "--sample-steps", "2",
+    out = run_example("train_sn_head.py", "--model", str(BUNDLED), "--data", "sklearn-digits", "--draws", "64",
+                      "--batch-size", "32", "--num-images", "64", "--output", "head", "--sample-steps", "2",
                       cwd=tmp_path)
-    assert "sampled 4 images" in out
+    assert "sampled 4 images" in out and "cached recipe" in out
 
 
 def test_stable_diffusion_estimates_swaps_and_compares(tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 from . import DTYPES, CommandError, add_device_options, add_model_options, load_from_args
 
-DEFAULT_COMPARE = "ddpm,ddim,analytic-ddpm,analytic-ddim,sn-ddpm"
+DEFAULT_COMPARE = "ddpm,ddim,analytic-ddpm,analytic-ddim,npr-ddpm"
 DEFAULT_PIPELINE_COMPARE = "ddim,dpmsolver++,analytic-ddim,analytic-ddpm"
 SPACINGS = ["linspace", "leading", "trailing", "optimal"]
 #: options of a pipeline's own `__call__` (dest names), refused on the pixel route

@@ -35,8 +35,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data", required=True,
                         help="'sklearn-digits' (the train split), a folder of images, or a Hugging Face dataset name")
     parser.add_argument("--split", default="train", help="split of the data set (default: train)")
-    parser.add_argument("--covariance-type", choices=["sn", "npr"], default="sn",
-                        help="sn: h ~ E[eps^2|x_t]; npr: h ~ E[(eps - eps_hat)^2|x_t] (default: sn)")
+    parser.add_argument("--covariance-type", choices=["sn", "npr"], default="npr",
+                        help="npr: h ~ E[(eps - eps_hat)^2|x_t] (default: the head that beats Analytic-DPM on the "
+                             "bundled model); sn: h ~ E[eps^2|x_t]")
     parser.add_argument("--recipe", choices=["cached", "plain"], default=None,
                         help="cached (default; plain when --steps is given without --recipe) or plain")
     cached = parser.add_argument_group("the cached recipe")
