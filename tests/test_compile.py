@@ -7,26 +7,30 @@ recompile) but skips code generation; inductor took about 90 s on a 2-core CI ma
 
 import torch
 
+from torch._dynamo.utils import counters
+
 from analytic_schedulers import AnalyticDPMScheduler
 from helpers import sample_loop
 
 
-def test_compiled_unet_compiles_once_across_the_sampling_loop(tiny_unet):
-    """`tiny_unet` (conftest): sample_size 8, 1 channel, block_out_channels (8, 16), DownBlock2D / UpBlock2D."""
-    from torch._dynamo.utils import counters
-
-    unet = tiny_unet
-    scheduler = AnalyticDPMScheduler(gamma=[0.9] * 1000)
+def eager_and_compiled_loops(model, scheduler):
+    """A 10-step loop with `model`, then the same loop with `torch.compile(model)` on fresh dynamo counters."""
     scheduler.set_timesteps(10)
     with torch.no_grad():
-        eager = sample_loop(scheduler, unet, 2)
-
+        eager = sample_loop(scheduler, model, 2)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(unet, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager")
     scheduler.set_timesteps(10)
     with torch.no_grad():
         out = sample_loop(scheduler, compiled, 2)
+    return eager, compiled, out
+
+
+def test_compiled_unet_compiles_once_across_the_sampling_loop(tiny_unet):
+    """`tiny_unet` (conftest): sample_size 8, 1 channel, block_out_channels (8, 16), DownBlock2D / UpBlock2D."""
+    scheduler = AnalyticDPMScheduler(gamma=[0.9] * 1000)
+    eager, compiled, out = eager_and_compiled_loops(tiny_unet, scheduler)
     assert counters["frames"]["total"] == 1 and counters["frames"]["ok"] == 1, dict(counters["frames"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["recompiles"], dict(counters["recompiles"])
@@ -46,25 +50,13 @@ def test_compiled_unet_compiles_once_across_the_sampling_loop(tiny_unet):
 
 def test_compiled_head_model_compiles_once_and_matches_eager(tiny_unet):
     """The head model reads the backbone's features through hooks registered once, which dynamo traces."""
-    from torch._dynamo.utils import counters
-
     from analytic_schedulers import NoiseSquareHeadModel, SNDPMScheduler
 
     model = NoiseSquareHeadModel.from_unet(tiny_unet, covariance_type="npr", resblock=True)
     with torch.no_grad():
         for p in model.head.parameters():
             p.add_(0.05)
-    scheduler = SNDPMScheduler(covariance_type="npr")
-    scheduler.set_timesteps(10)
-    with torch.no_grad():
-        eager = sample_loop(scheduler, model, 2)
-
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend="aot_eager")
-    scheduler.set_timesteps(10)
-    with torch.no_grad():
-        out = sample_loop(scheduler, compiled, 2)
+    eager, _, out = eager_and_compiled_loops(model, SNDPMScheduler(covariance_type="npr"))
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["stats"])
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
