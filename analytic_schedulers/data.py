@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 #: Keys under which a dict batch (or a Hugging Face dataset row) holds its images, in the order they are tried.
 IMAGE_KEYS = ("pixel_values", "images", "image", "img", "input")
 
-__all__ = ["DIGITS", "DataError", "images_from_batch", "load_images", "quantize_8bit", "shard_images",
-           "training_images"]
+__all__ = ["DIGITS", "DataError", "images_from_batch", "load_captioned_images", "load_images", "quantize_8bit",
+           "shard_images", "training_images"]
 
 
 class DataError(ValueError):
@@ -67,6 +67,44 @@ def load_images(
     else:
         pictures = _hf_dataset_pictures(source, split, num_samples)
     return torch.stack([_to_tensor(picture, name, channels, height, width, resize) for name, picture in pictures])
+
+
+def load_captioned_images(
+    source: str,
+    shape: Tuple[int, int, int],
+    captions: Optional[Sequence[str]],
+    split: str = "train",
+    num_samples: Optional[int] = None,
+    seed: int = 0,
+    captions_name: str = "the caption list",
+) -> Tuple[torch.Tensor, Optional[List[str]]]:
+    """
+    The images of `load_images` with their captions, caption i for image i. With captions, a folder is read whole
+    and in sorted path order (not a random subset), so that line i of a captions file is image i; `num_samples`
+    takes the first images. Without captions, this is `load_images` (and `None`).
+
+    Args:
+        captions: one caption per image of `source` (a folder's images in sorted path order, a dataset's rows), or
+            `None`.
+        captions_name: what the captions are called in the error (e.g. the file they were read from).
+
+    Returns:
+        `(images [n, C, H, W], their n captions or None)`, n = `min(num_samples, images in source)`.
+
+    Raises:
+        DataError: as `load_images`, or captions that do not match the images one to one.
+    """
+    if captions is None:
+        return load_images(source, shape, split, num_samples, seed), None
+    whole = os.path.isdir(source)
+    images = load_images(source, shape, split, None if whole else num_samples, seed)
+    used = len(images) if num_samples is None else min(num_samples, len(images))
+    if len(captions) < used or (whole and len(captions) != len(images)):
+        raise DataError(
+            f"{captions_name} has {len(captions)} lines for {len(images)} images in {source!r}: give one caption per "
+            "image, line i for image i (a folder's images in sorted path order)."
+        )
+    return images[:used], list(captions[:used])
 
 
 _SOURCES_HELP = (f"Pass a folder of images ({', '.join(IMAGE_EXTENSIONS)}), {DIGITS!r}, or the name of a Hugging "

@@ -7,7 +7,7 @@
 
 `--data` holds images like the model's training data (a folder, a Hugging Face dataset, `sklearn-digits`), resized to
 the pipeline's resolution; `--captions` gives one caption per line for them (line i for image i: a folder's files in
-sorted order), else every image is paired with `--prompt`. The table is estimated for `--guidance-scale`, the scale
+sorted order, `--num-samples` taking the first), else every image is paired with `--prompt`. The table is estimated for `--guidance-scale`, the scale
 this example then samples at, and only at the timesteps of the 10- and 25-step trajectories. Without `--data`,
 `Gamma_t` is estimated at every step from the batch being sampled (`--num-images` images, the more the better).
 """
@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from analytic_schedulers import AnalyticDPMScheduler, estimate_pipeline_gamma, use_analytic_dpm
-from analytic_schedulers.data import load_images
+from analytic_schedulers.data import load_captioned_images
 from analytic_schedulers.images import grids_by_name, save_atomically
 
 
@@ -42,10 +42,9 @@ def parse_args():
 def estimated_table(pipe, args, steps):
     """Gamma of the guided prediction on the latents of `--data`, at the timesteps the trajectories visit."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = load_images(args.data, (3, size, size), num_samples=args.num_samples, seed=args.seed)
-    captions = None
-    if args.captions:
-        captions = Path(args.captions).read_text(encoding="utf-8").splitlines()[: len(images)]
+    captions = Path(args.captions).read_text(encoding="utf-8").splitlines() if args.captions else None
+    images, captions = load_captioned_images(args.data, (3, size, size), captions, num_samples=args.num_samples,
+                                             seed=args.seed, captions_name=f"--captions {args.captions!r}")
     timesteps = set()
     for K in steps:
         scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from analytic_schedulers.data import DataError, images_from_batch, load_images, quantize_8bit, shard_images
+from analytic_schedulers.data import (DataError, images_from_batch, load_captioned_images, load_images, quantize_8bit,
+                                      shard_images)
 from analytic_schedulers.runtime import (call_model, load_checkpoint, save_checkpoint, seed_of, stream_seed,
                                          write_json_atomically)
 
@@ -33,6 +34,23 @@ def test_a_folder_is_read_recursively_resized_and_scaled_to_minus_one_one(tmp_pa
     assert grey.shape == (2, 1, 8, 8)
     with pytest.raises(DataError, match="resize the images first"):
         load_images(str(tmp_path / "a"), (3, 8, 8), resize=False)
+
+
+def test_captions_stay_with_their_images_when_num_samples_takes_some(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):  # image i is flat grey 40 i, and line i of the captions names it
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    captions = [f"grey {40 * i}" for i in range(6)]
+    for seed in range(3):
+        images, chosen = load_captioned_images(str(folder), (1, 8, 8), captions, num_samples=3, seed=seed)
+        assert len(images) == len(chosen) == 3
+        for image, caption in zip(images, chosen):
+            assert caption == f"grey {round((image[0, 0, 0].item() + 1) * 127.5)}"
+    with pytest.raises(DataError, match="the caption list has 5 lines for 6 images"):
+        load_captioned_images(str(folder), (1, 8, 8), captions[:5], num_samples=3)
+    images, none = load_captioned_images(str(folder), (1, 8, 8), None, num_samples=3, seed=1)
+    assert none is None and torch.equal(images, load_images(str(folder), (1, 8, 8), num_samples=3, seed=1))
 
 
 def test_digits_are_replicated_to_the_models_channels():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -168,22 +167,15 @@ def _read_captions(path: str) -> List[str]:
 
 def _load_data(args, loaded, conditioning, accelerator):
     """The images at the size the pipeline decodes to (the model's own size for pixel models); with `--captions`,
-    a folder is read whole and in order, so that line i is image i."""
-    from ..data import load_images
+    a folder is read whole and in order, so that line i is image i (see `load_captioned_images`)."""
+    from ..data import load_captioned_images
 
-    captions = conditioning.get("captions")
-    whole = captions is not None and os.path.isdir(args.data)
-    images = load_images(args.data, loaded.image_shape, args.split, None if whole else args.num_samples, args.seed)
-    used = len(images) if args.num_samples is None else min(args.num_samples, len(images))
-    if captions is not None and (len(captions) < used or (whole and len(captions) != len(images))):
-        raise CommandError(
-            f"--captions {args.captions!r} has {len(captions)} lines for {len(images)} images in {args.data!r}: give "
-            "one caption per image, line i for image i (a folder's images in sorted path order)."
-        )
+    images, captions = load_captioned_images(args.data, loaded.image_shape, conditioning.get("captions"), args.split,
+                                             args.num_samples, args.seed, captions_name=f"--captions {args.captions!r}")
     if args.num_samples is not None and len(images) < args.num_samples and accelerator.is_main_process:
         print(f"--num-samples {args.num_samples}: the data holds only {len(images)} images; using {len(images)}.")
     if captions is not None:
-        conditioning["captions"] = captions[:used]
+        conditioning["captions"] = captions
     return images
 
 
