@@ -21,7 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "ddpm-digits-16"
 GAMMA_SUBFOLDER = "analytic_scheduler"
@@ -359,15 +359,16 @@ class LoadedModel:
 
 
 def load(model: Optional[str] = None, subfolder: Optional[str] = None, scheduler: Optional[str] = None,
-         gamma: Optional[str] = None, torch_dtype=None, pipeline: bool = False) -> LoadedModel:
+         gamma: Union[str, None, bool] = None, torch_dtype=None, pipeline: bool = False) -> LoadedModel:
     """
     The model, its scheduler config and its Gamma table (`load_model`, `load_scheduler_config`,
-    `load_gamma_config`). With `pipeline=True`, a pipeline that runs its own `__call__` (`is_own_call_pipeline`,
-    no `subfolder` given) is loaded whole (`load_pipeline`), its `unet` being the model.
+    `load_gamma_config`: `gamma=None` is the model's own `analytic_scheduler/`, `gamma=False` no table, neither read
+    nor checked). With `pipeline=True`, a pipeline that runs its own `__call__` (`is_own_call_pipeline`, no
+    `subfolder` given) is loaded whole (`load_pipeline`), its `unet` being the model.
     """
     location = model_location(model)
     name = model if model is not None else f"bundled {BUNDLED_MODEL.name}"
-    table = load_gamma_config(gamma, location)
+    table = None if gamma is False else load_gamma_config(gamma, location)
     table_gamma = None if table is None else table["gamma"]
     where = repr(gamma or f"{location}/{GAMMA_SUBFOLDER}")
     if pipeline and subfolder is None and is_own_call_pipeline(location):

@@ -126,6 +126,26 @@ def test_a_table_of_another_schedule_is_refused(tiny_unet, tmp_path, capsys):
         assert "another noise schedule" in err and "beta_schedule" in err and "estimate-gamma" in err
 
 
+@pytest.mark.parametrize("command", [
+    ["estimate-gamma", "--num-samples", "2", "--timesteps", "500", "--no-progress"],
+    ["train-head", "--recipe", "plain", "--steps", "1", "--batch-size", "2", "--split", "test", "--no-progress"],
+])
+def test_commands_that_take_no_table_neither_read_nor_check_the_models_own(tmp_path, capsys, command):
+    """The bundled model's analytic_scheduler/ table was estimated under its own schedule; these commands use only
+    the --scheduler-config schedule, so another one is no reason to stop."""
+    from analytic_schedulers.loading import BUNDLED_MODEL, LoadError, load
+
+    config = json.loads((BUNDLED_MODEL / "scheduler" / "scheduler_config.json").read_text())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "scheduler_config.json").write_text(json.dumps({**config, "beta_end": 0.025}))
+    with pytest.raises(LoadError, match="another noise schedule"):
+        load(str(BUNDLED_MODEL), scheduler=str(tmp_path / "other"))
+    assert load(str(BUNDLED_MODEL), scheduler=str(tmp_path / "other"), gamma=False).gamma is None
+    assert main([*command, "--model", str(BUNDLED_MODEL), "--scheduler-config", str(tmp_path / "other"),
+                 "--data", "sklearn-digits", "--device", "cpu", "--output", str(tmp_path / "out")]) == 0, \
+        capsys.readouterr().err
+
+
 def test_a_head_saved_alone_needs_its_backbone(tiny_unet, tmp_path):
     model = perturbed_head_model(tiny_unet)
     model.head.save_pretrained(tmp_path / "npr_head")

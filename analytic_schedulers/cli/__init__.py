@@ -81,12 +81,13 @@ def hub_kwargs(args: argparse.Namespace) -> dict:
 
 
 def load_from_args(args: argparse.Namespace, gamma: bool = True, pipeline: bool = False):
-    """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`); with `pipeline`, a pipeline
-    that runs its own `__call__` (a VAE or text encoder) is loaded whole."""
+    """The `LoadedModel` the options name (see `analytic_schedulers.loading.load`); without `gamma`, no table is
+    read (the command takes none); with `pipeline`, a pipeline that runs its own `__call__` (a VAE or text encoder)
+    is loaded whole."""
     from ..loading import load
 
     dtype = DTYPES[getattr(args, "dtype", "float32")]
-    return load(args.model, args.subfolder, args.scheduler_config, getattr(args, "gamma", None) if gamma else None,
+    return load(args.model, args.subfolder, args.scheduler_config, getattr(args, "gamma", None) if gamma else False,
                 torch_dtype=dtype, pipeline=pipeline)
 
 
