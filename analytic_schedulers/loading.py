@@ -201,8 +201,8 @@ def load_scheduler_config(model: Optional[str] = None, scheduler: Optional[str] 
     where = scheduler if scheduler is not None else model_location(model)
     raise LoadError(
         f"No scheduler_config.json found for {where!r}: samplers and Gamma tables depend on the noise schedule the "
-        "model was trained with. Pass --scheduler (Python: `scheduler=`) with a folder or Hub id holding the model's "
-        "scheduler_config.json."
+        "model was trained with. Pass --scheduler-config (Python: `scheduler=`) with a folder or Hub id holding the "
+        "model's scheduler_config.json."
     )
 
 
