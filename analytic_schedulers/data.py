@@ -15,6 +15,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .loading import looks_like_path
+
 DIGITS = "sklearn-digits"
 DIGITS_NAMES = (DIGITS, "digits")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -62,7 +64,7 @@ def load_images(
         raise DataError(f"Image files give 1 or 3 channels; the model takes {channels}.")
     if os.path.isdir(source):
         pictures = _folder_pictures(Path(source), num_samples, seed)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):  # a missing folder, not a dataset name
         raise DataError(f"The data folder {source!r} does not exist. " + _SOURCES_HELP)
     else:
         pictures = _hf_dataset_pictures(source, split, num_samples)
@@ -109,11 +111,6 @@ def load_captioned_images(
 
 _SOURCES_HELP = (f"Pass a folder of images ({', '.join(IMAGE_EXTENSIONS)}), {DIGITS!r}, or the name of a Hugging "
                  "Face dataset (with `pip install datasets`).")
-
-
-def _looks_like_path(source: str) -> bool:
-    """A missing folder rather than a dataset name (`name` or `user/name`)."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source)
 
 
 def _digits(split: str, channels: int, height: int, width: int) -> torch.Tensor:

@@ -57,13 +57,13 @@ def model_location(model: Optional[str]) -> str:
             raise LoadError(f"The bundled model is missing from {BUNDLED_MODEL}; reinstall the package.")
         return str(BUNDLED_MODEL)
     model = os.fspath(model)
-    if not os.path.isdir(model) and _looks_like_path(model):
+    if not os.path.isdir(model) and looks_like_path(model):
         raise LoadError(f"The model folder {model!r} does not exist. {MODEL_HELP}")
     return model
 
 
-def _looks_like_path(location: str) -> bool:
-    """A local path rather than a Hub id (`name` or `org/name`)."""
+def looks_like_path(location: str) -> bool:
+    """A local path rather than a Hub model or dataset id (`name` or `org/name`)."""
     return location.startswith((".", "/", "~")) or location.count("/") > 1 or (os.sep != "/" and os.sep in location)
 
 
