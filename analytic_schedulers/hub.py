@@ -20,10 +20,13 @@ from typing import Any, Dict, Optional, Union
 
 from huggingface_hub import HfApi
 
+from .loading import GAMMA_SUBFOLDER as GAMMA_PATH_IN_REPO
+from .loading import MODEL_CONFIG, SCHEDULER_CONFIG
+from .training import LOSS_HISTORY
+
 GAMMA_ESTIMATE = "gamma_estimate.json"
-SCHEDULER_CONFIG = "scheduler_config.json"
+TRAINING_ARGS = "training_args.json"
 CARD = "README.md"
-GAMMA_PATH_IN_REPO = "analytic_scheduler"
 HEAD_IGNORE = ["checkpoints/*", "*.tmp", ".*"]
 
 __all__ = ["GAMMA_PATH_IN_REPO", "gamma_card", "head_card", "push_gamma_to_hub", "push_head_to_hub",
@@ -135,11 +138,11 @@ def _record_rows(config: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, 
 def head_card(folder: Union[str, os.PathLike], base_model: Optional[str] = None) -> str:
     """The model card of a head folder (config, and `loss_history.json` / `training_args.json` when present)."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    history_path = folder / "loss_history.json"
+    config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
+    history_path = folder / LOSS_HISTORY
     history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}
     losses = history.get("losses", [])
-    training = folder / "training_args.json"
+    training = folder / TRAINING_ARGS
     args: Dict[str, Any] = json.loads(training.read_text(encoding="utf-8")) if training.is_file() else {}
     base_model = base_model or args.get("model")
     kind = config.get("covariance_type", "sn")
@@ -252,10 +255,10 @@ def push_head_to_hub(folder: Union[str, os.PathLike], repo_id: str, path_in_repo
     from .runtime import write_text_atomically
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not (folder / MODEL_CONFIG).is_file():
         raise ValueError(f"{str(folder)!r} holds no head (config.json): train one with `analytic-schedulers "
                          "train-head --output` first.")
-    kind = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("covariance_type", "sn")
+    kind = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8")).get("covariance_type", "sn")
     path_in_repo = path_in_repo or f"{kind}_head"
     write_text_atomically(folder / CARD, head_card(folder, base_model))
     message = commit_message or f"{kind.upper()}-DPM noise-square head in {path_in_repo}/"

@@ -31,10 +31,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..hub import GAMMA_ESTIMATE
+from ..loading import GAMMA_SUBFOLDER, SCHEDULER_CONFIG
 from . import DTYPES, CommandError, add_device_options, add_hub_options, add_model_options, hub_kwargs, load_from_args
 
-CONFIG_NAME = "scheduler_config.json"
-ESTIMATE_NAME = "gamma_estimate.json"
 PARTIAL_NAME = "gamma_partial.json"
 
 
@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
     pipeline.add_argument("--latent", default=None, choices=["sample", "mean"],
                           help="Encode each image as a draw from the VAE posterior (default: sample, what the "
                                "denoiser was trained on) or as its mean.")
-    add_hub_options(parser, "the scheduler folder", "analytic_scheduler")
+    add_hub_options(parser, "the scheduler folder", GAMMA_SUBFOLDER)
     parser.set_defaults(func=run)
 
 
@@ -187,7 +187,7 @@ def _check_arguments(args):
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise CommandError(f"--output {args.output!r} exists and is not a folder.")
-    finished = (output / CONFIG_NAME).exists() or (output / ESTIMATE_NAME).exists()
+    finished = (output / SCHEDULER_CONFIG).exists() or (output / GAMMA_ESTIMATE).exists()
     if finished and not (output / PARTIAL_NAME).exists() and not args.overwrite:
         raise CommandError(f"{args.output!r} already holds a finished estimate; pass --overwrite to redo it.")
     if args.fill == "interpolate":
@@ -237,7 +237,7 @@ def _resume_from(output: Path, settings: Dict[str, Any], overwrite: bool, accele
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for name in (CONFIG_NAME, ESTIMATE_NAME, PARTIAL_NAME):
+            for name in (SCHEDULER_CONFIG, GAMMA_ESTIMATE, PARTIAL_NAME):
                 (output / name).unlink(missing_ok=True)
     return resume_from
 
@@ -281,4 +281,4 @@ def _write_scheduler_folder(output: Path, estimate, scheduler_config, settings, 
     if table_fill is not None:
         print(f"The other timesteps were filled ({table_fill!r}): sample with trajectories through the estimated "
               "timesteps, or estimate all timesteps.")
-    print(f"Wrote {str(output / CONFIG_NAME)!r}: AnalyticDPMScheduler.from_pretrained({str(output)!r}).")
+    print(f"Wrote {str(output / SCHEDULER_CONFIG)!r}: AnalyticDPMScheduler.from_pretrained({str(output)!r}).")

@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 
+from ..hub import TRAINING_ARGS
 from . import (CommandError, add_hub_options, add_model_options, hub_kwargs, load_from_args,
                refuse_own_call_pipeline)
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     head_model = NoiseSquareHeadModel.from_unet(loaded.unet, covariance_type=args.covariance_type,
                                                 resblock=args.resblock)
     record = training_args(args, recipe)
-    args_path = os.path.join(args.output, "training_args.json")
+    args_path = os.path.join(args.output, TRAINING_ARGS)
     if accelerator.is_main_process:
         os.makedirs(args.output, exist_ok=True)
         write_json_atomically(args_path, record, indent=1)
