@@ -274,10 +274,12 @@ def _sample_everywhere(sample_batch, indices, args, accelerator, device) -> torc
     """This process's images (image i always from seed + i), gathered in order on the main process."""
     from accelerate.utils import gather_object
 
+    from ..runtime import make_generator
+
     chunks = []
     for begin in range(0, len(indices), args.batch_size):
         batch = indices[begin:begin + args.batch_size]
-        chunks.append(sample_batch([torch.Generator(device).manual_seed(args.seed + i) for i in batch]).float().cpu())
+        chunks.append(sample_batch([make_generator(args.seed + i, device) for i in batch]).float().cpu())
     local = torch.cat(chunks) if chunks else torch.empty(0)
     parts = gather_object([(indices, local)]) if accelerator.num_processes > 1 else [(indices, local)]
     order = torch.tensor([i for part_indices, _ in parts for i in part_indices]).argsort()
