@@ -565,8 +565,8 @@ class ReverseVarianceSchedulerMixin:
 
         if s < 0 and config.check_finite:
             self._raise_if_nonfinite()
-        zero = torch.zeros((), dtype=compute_dtype, device=sample.device)
         if self._returns_clean_sample(index):
+            zero = torch.zeros((), dtype=compute_dtype, device=sample.device)
             return ReverseStepDistribution(x0_hat, zero, x0_hat, eps_hat, s)
 
         # 4. variance sigma^2 = lambda^2 + gamma_ts^2 * v, v bounded by Theorem 2
@@ -580,7 +580,10 @@ class ReverseVarianceSchedulerMixin:
         if clip_y is not None and s == self._trajectory[-1]:
             cap = rs.last_step_variance_cap(clip_y)
             variance = variance.clamp(max=cap) if isinstance(variance, torch.Tensor) else min(variance, cap)
-        variance = variance.to(compute_dtype) if isinstance(variance, torch.Tensor) else zero + variance
+        if isinstance(variance, torch.Tensor):
+            variance = variance.to(compute_dtype)
+        else:  # a float (a Gamma table): filled on the device, no host-to-device copy
+            variance = torch.full((), variance, dtype=compute_dtype, device=sample.device)
 
         # 5. mean: DDPM's posterior mean for eta = 1, the DDIM form (raw eps_hat) otherwise
         if eta == 1.0:
