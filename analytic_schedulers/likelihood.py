@@ -163,7 +163,8 @@ def nelbo_terms_bpd(model, scheduler, x0: torch.Tensor, generator: GeneratorLike
     _check_scheduler(scheduler)
     x0 = check_8bit_data(x0)
     timesteps, abar = _trajectory_and_schedule(scheduler)
-    return _nelbo_terms(model, scheduler, x0, as_generator(generator, x0.device), timesteps, abar)
+    dtype = model_device_dtype(model)[1]
+    return _nelbo_terms(model, scheduler, x0, as_generator(generator, x0.device), timesteps, abar, dtype)
 
 
 def _trajectory_and_schedule(scheduler) -> Tuple[List[int], List[float]]:
@@ -174,11 +175,11 @@ def _trajectory_and_schedule(scheduler) -> Tuple[List[int], List[float]]:
     return [int(t) for t in torch.as_tensor(scheduler.timesteps).tolist()], abar
 
 
-def _nelbo_terms(model, scheduler, x0: torch.Tensor, generator, timesteps: List[int],
-                 abar: List[float]) -> NELBOTerms:
-    """The loop of `nelbo_terms_bpd` for checked data `x0` (float64, on the grid), the trajectory `timesteps` and the
-    schedule `abar`; it reads nothing back from the device (a reverse-variance scheduler with `check_finite` reads
-    one flag at the decoder step)."""
+def _nelbo_terms(model, scheduler, x0: torch.Tensor, generator, timesteps: List[int], abar: List[float],
+                 dtype: torch.dtype) -> NELBOTerms:
+    """The loop of `nelbo_terms_bpd` for checked data `x0` (float64, on the grid), the trajectory `timesteps`, the
+    schedule `abar` and the model's input dtype `dtype` (`model_device_dtype`, found once); it reads nothing back from
+    the device (a reverse-variance scheduler with `check_finite` reads one flag at the decoder step)."""
     batch, num_dims = x0.shape[0], x0[0].numel()
     to_bpd = 1.0 / (num_dims * math.log(2.0))
 
@@ -196,14 +197,14 @@ def _nelbo_terms(model, scheduler, x0: torch.Tensor, generator, timesteps: List[
     steps = torch.zeros((batch, len(timesteps) - 1), dtype=torch.float64, device=x0.device)
     for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         x_t = noisy(t)
-        mean, variance, _ = _model_step(scheduler, call_model(model, x_t, t), t, s, x_t, abar)
+        mean, variance, _ = _model_step(scheduler, call_model(model, x_t, t, dtype=dtype), t, s, x_t, abar)
         mean_q, variance_q = gm.ddpm_posterior(x0, x_t, abar[t], abar[s])
         steps[:, i] = sum_dims(gm.normal_kl(mean_q, variance_q, mean.to(torch.float64), variance.to(torch.float64)))
 
     # 3. decoder at tau_1: mean x0_hat clipped to the data range, variance tilde_beta of the first training step
     t = timesteps[-1]
     x_t = noisy(t)
-    _, _, x0_hat = _model_step(scheduler, call_model(model, x_t, t), t, -1, x_t, abar)
+    _, _, x0_hat = _model_step(scheduler, call_model(model, x_t, t, dtype=dtype), t, -1, x_t, abar)
     decoder_variance = rs.ddpm_posterior_variance(abar[1], abar[0])
     log_p = gm.discretized_gaussian_log_likelihood(x0, x0_hat.to(torch.float64).clamp(-1.0, 1.0), decoder_variance)
     return NELBOTerms(prior_bpd=prior, step_bpd=steps, decoder_bpd=-sum_dims(log_p), timesteps=timesteps)
@@ -276,7 +277,8 @@ def dataset_nll_bits_per_dim(
 
     _check_scheduler(scheduler)
     loader, process, main = _sharded_loader(data, batch_size, accelerator)
-    device = accelerator.device if accelerator is not None else model_device_dtype(model)[0]
+    model_device, dtype = model_device_dtype(model)  # moving the model to the accelerator keeps its dtype
+    device = accelerator.device if accelerator is not None else model_device
     if accelerator is not None and hasattr(model, "to"):
         model = model.to(device)
     generator = make_generator(seed_of(generator) + 1_000_003 * process, device)  # one stream per process
@@ -285,7 +287,7 @@ def dataset_nll_bits_per_dim(
     results = []
     for batch in tqdm(loader, desc="NLL", disable=not (progress and main)):
         x0 = to_device(check_8bit_data(images_from_batch(batch)), device)  # checked on the host copy
-        nll = _nelbo_terms(model, stepper, x0, generator, timesteps, abar).total_bpd
+        nll = _nelbo_terms(model, stepper, x0, generator, timesteps, abar, dtype).total_bpd
         if accelerator is not None:
             nll = accelerator.gather_for_metrics(nll)
         results.append(nll)
