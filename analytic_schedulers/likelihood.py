@@ -70,8 +70,9 @@ def check_8bit_data(x0: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return x
     levels = (x + 1.0) * 127.5
+    rounded = levels.round()
     nonfinite, low, high, off_grid = torch.stack(
-        [(~torch.isfinite(x)).sum().to(torch.float64), x.min(), x.max(), (levels - levels.round()).abs().max()]
+        [(~torch.isfinite(x)).sum().to(torch.float64), x.min(), x.max(), (levels - rounded).abs().max()]
     ).tolist()
     if nonfinite:
         raise ValueError("`x0` contains NaN or Inf.")
@@ -85,7 +86,7 @@ def check_8bit_data(x0: torch.Tensor) -> torch.Tensor:
             f"`x0` is not on the 8-bit grid (a value is {off_grid:.3g} levels off): the discretised likelihood is "
             "defined for 256 levels only. " + QUANTIZE_HELP
         )
-    return levels.round() / 127.5 - 1.0
+    return rounded / 127.5 - 1.0
 
 
 # ------------------------------------------------------------------------------------------------ scheduler adapters
