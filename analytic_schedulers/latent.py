@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import images_from_batch
+from .data import images_from_batch, shard_images
 from .gamma import estimate_gamma
 from .pipeline_gamma import PipelineGammaEstimate
 from .runtime import GeneratorLike, make_generator, model_device_dtype, model_output_tensor, seed_of, stream_seed
@@ -296,7 +296,7 @@ def estimate_pipeline_gamma(
     seed = seed_of(generator)
     # 1. the images as the denoiser sees them: latents, or the pixels themselves
     if vae is None:
-        x0, encoding = torch.cat(list(image_batches(data, num_samples, encode_batch_size))).float(), None
+        x0, encoding = shard_images(data, num_samples, batch_size=encode_batch_size)[0], None  # float32, CPU
     else:
         x0, encoding = encode_images(vae, data, latent, num_samples, encode_batch_size, seed)
     # 2. the prediction the pipeline steps with

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -70,8 +70,9 @@ def check_8bit_data(x0: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return x
     levels = (x + 1.0) * 127.5
+    rounded = levels.round()
     nonfinite, low, high, off_grid = torch.stack(
-        [(~torch.isfinite(x)).sum().to(torch.float64), x.min(), x.max(), (levels - levels.round()).abs().max()]
+        [(~torch.isfinite(x)).sum().to(torch.float64), x.min(), x.max(), (levels - rounded).abs().max()]
     ).tolist()
     if nonfinite:
         raise ValueError("`x0` contains NaN or Inf.")
@@ -85,7 +86,7 @@ def check_8bit_data(x0: torch.Tensor) -> torch.Tensor:
             f"`x0` is not on the 8-bit grid (a value is {off_grid:.3g} levels off): the discretised likelihood is "
             "defined for 256 levels only. " + QUANTIZE_HELP
         )
-    return levels.round() / 127.5 - 1.0
+    return rounded / 127.5 - 1.0
 
 
 # ------------------------------------------------------------------------------------------------ scheduler adapters
@@ -122,11 +123,13 @@ def _check_scheduler(scheduler) -> None:
     )
 
 
-def _model_step(scheduler, model_output: torch.Tensor, t: int, s: int, x_t: torch.Tensor,
-                abar: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(mean, variance, x0_hat)` of the scheduler's step `x_t -> x_s` (`s = -1`: only `x0_hat` is meaningful)."""
+def _model_step(scheduler, model_output: torch.Tensor, t: int, s: int, x_t: torch.Tensor, abar: List[float],
+                check_finite: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(mean, variance, x0_hat)` of the scheduler's step `x_t -> x_s` (`s = -1`: only `x0_hat` is meaningful);
+    `check_finite` overrides a reverse-variance scheduler's (`None`: its config's)."""
     if _is_reverse_variance_scheduler(scheduler):
-        step = scheduler.step_distribution(model_output, t, x_t, apply_last_step_sigma_clip=False)
+        step = scheduler.step_distribution(model_output, t, x_t, apply_last_step_sigma_clip=False,
+                                           check_finite=check_finite)
         if step.prev_timestep != s:
             raise ValueError(f"The scheduler steps from {t} to {step.prev_timestep}, expected {s}.")
         return step.mean, step.variance, step.pred_original_sample
@@ -163,7 +166,8 @@ def nelbo_terms_bpd(model, scheduler, x0: torch.Tensor, generator: GeneratorLike
     _check_scheduler(scheduler)
     x0 = check_8bit_data(x0)
     timesteps, abar = _trajectory_and_schedule(scheduler)
-    return _nelbo_terms(model, scheduler, x0, as_generator(generator, x0.device), timesteps, abar)
+    dtype = model_device_dtype(model)[1]
+    return _nelbo_terms(model, scheduler, x0, as_generator(generator, x0.device), timesteps, abar, dtype)
 
 
 def _trajectory_and_schedule(scheduler) -> Tuple[List[int], List[float]]:
@@ -174,11 +178,12 @@ def _trajectory_and_schedule(scheduler) -> Tuple[List[int], List[float]]:
     return [int(t) for t in torch.as_tensor(scheduler.timesteps).tolist()], abar
 
 
-def _nelbo_terms(model, scheduler, x0: torch.Tensor, generator, timesteps: List[int],
-                 abar: List[float]) -> NELBOTerms:
-    """The loop of `nelbo_terms_bpd` for checked data `x0` (float64, on the grid), the trajectory `timesteps` and the
-    schedule `abar`; it reads nothing back from the device (a reverse-variance scheduler with `check_finite` reads
-    one flag at the decoder step)."""
+def _nelbo_terms(model, scheduler, x0: torch.Tensor, generator, timesteps: List[int], abar: List[float],
+                 dtype: torch.dtype, check_finite: Optional[bool] = None) -> NELBOTerms:
+    """The loop of `nelbo_terms_bpd` for checked data `x0` (float64, on the grid), the trajectory `timesteps`, the
+    schedule `abar` and the model's input dtype `dtype` (`model_device_dtype`, found once); it reads nothing back from
+    the device (a reverse-variance scheduler with `check_finite` reads one flag at the decoder step; `check_finite`
+    overrides the scheduler's config, `None` keeps it)."""
     batch, num_dims = x0.shape[0], x0[0].numel()
     to_bpd = 1.0 / (num_dims * math.log(2.0))
 
@@ -196,14 +201,15 @@ def _nelbo_terms(model, scheduler, x0: torch.Tensor, generator, timesteps: List[
     steps = torch.zeros((batch, len(timesteps) - 1), dtype=torch.float64, device=x0.device)
     for i, (t, s) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         x_t = noisy(t)
-        mean, variance, _ = _model_step(scheduler, call_model(model, x_t, t), t, s, x_t, abar)
+        mean, variance, _ = _model_step(scheduler, call_model(model, x_t, t, dtype=dtype), t, s, x_t, abar,
+                                        check_finite)
         mean_q, variance_q = gm.ddpm_posterior(x0, x_t, abar[t], abar[s])
         steps[:, i] = sum_dims(gm.normal_kl(mean_q, variance_q, mean.to(torch.float64), variance.to(torch.float64)))
 
     # 3. decoder at tau_1: mean x0_hat clipped to the data range, variance tilde_beta of the first training step
     t = timesteps[-1]
     x_t = noisy(t)
-    _, _, x0_hat = _model_step(scheduler, call_model(model, x_t, t), t, -1, x_t, abar)
+    _, _, x0_hat = _model_step(scheduler, call_model(model, x_t, t, dtype=dtype), t, -1, x_t, abar, check_finite)
     decoder_variance = rs.ddpm_posterior_variance(abar[1], abar[0])
     log_p = gm.discretized_gaussian_log_likelihood(x0, x0_hat.to(torch.float64).clamp(-1.0, 1.0), decoder_variance)
     return NELBOTerms(prior_bpd=prior, step_bpd=steps, decoder_bpd=-sum_dims(log_p), timesteps=timesteps)
@@ -276,16 +282,17 @@ def dataset_nll_bits_per_dim(
 
     _check_scheduler(scheduler)
     loader, process, main = _sharded_loader(data, batch_size, accelerator)
-    device = accelerator.device if accelerator is not None else model_device_dtype(model)[0]
+    model_device, dtype = model_device_dtype(model)  # moving the model to the accelerator keeps its dtype
+    device = accelerator.device if accelerator is not None else model_device
     if accelerator is not None and hasattr(model, "to"):
         model = model.to(device)
     generator = make_generator(seed_of(generator) + 1_000_003 * process, device)  # one stream per process
     timesteps, abar = _trajectory_and_schedule(scheduler)
-    stepper = _without_finite_check(scheduler, timesteps)
     results = []
     for batch in tqdm(loader, desc="NLL", disable=not (progress and main)):
         x0 = to_device(check_8bit_data(images_from_batch(batch)), device)  # checked on the host copy
-        nll = _nelbo_terms(model, stepper, x0, generator, timesteps, abar).total_bpd
+        # check_finite=False: no device flag read at every batch; the results are checked once, at the end
+        nll = _nelbo_terms(model, scheduler, x0, generator, timesteps, abar, dtype, check_finite=False).total_bpd
         if accelerator is not None:
             nll = accelerator.gather_for_metrics(nll)
         results.append(nll)
@@ -307,17 +314,6 @@ def _sharded_loader(data, batch_size: int, accelerator):
         return loader, 0, True
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     return loader, accelerator.process_index, accelerator.is_main_process
-
-
-def _without_finite_check(scheduler, timesteps: List[int]):
-    """The scheduler to step with in a loop over many batches: one of this package's schedulers with `check_finite`
-    reads a device flag at every batch's last step, so the loop uses a copy without it (on the same trajectory) and
-    checks the results once."""
-    if not (_is_reverse_variance_scheduler(scheduler) and getattr(scheduler.config, "check_finite", False)):
-        return scheduler
-    copy = type(scheduler).from_config(scheduler.config, check_finite=False)
-    copy.set_timesteps(timesteps=timesteps)
-    return copy
 
 
 def _check_finite_nll(nll: torch.Tensor) -> None:

@@ -48,12 +48,12 @@ def eps_and_x0_from_model_output(
         sqrt_abar, sqrt_bbar = abar_t.sqrt(), (1.0 - abar_t).sqrt()
     else:
         sqrt_abar, sqrt_bbar = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
-    if prediction_type == "epsilon":
-        if not isinstance(abar_t, torch.Tensor) and abar_t <= 0.0:
+        if prediction_type == "epsilon" and abar_t <= 0.0:
             raise ValueError(
                 "At a zero-SNR timestep (alphas_cumprod = 0) x_0 cannot be recovered from an epsilon prediction. "
                 "Use a `v_prediction` model with zero-terminal-SNR schedules, or `rescale_betas_zero_snr=False`."
             )
+    if prediction_type == "epsilon":
         eps = model_output
         x0 = (sample - sqrt_bbar * eps) / sqrt_abar
     elif prediction_type == "sample":

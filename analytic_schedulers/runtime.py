@@ -7,6 +7,7 @@ functions, so that a model is called, a seed is read and a file is written the s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ __all__ = [
 def model_device_dtype(model) -> Tuple[torch.device, torch.dtype]:
     """The device and floating dtype of a module's first floating parameter or buffer (CPU/float32 otherwise)."""
     if isinstance(model, torch.nn.Module):
-        for tensor in list(model.parameters()) + list(model.buffers()):
+        for tensor in itertools.chain(model.parameters(), model.buffers()):  # lazily: usually the first one
             if tensor.is_floating_point():
                 known = tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                 return tensor.device, tensor.dtype if known else torch.float32

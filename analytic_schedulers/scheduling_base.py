@@ -511,18 +511,21 @@ class ReverseVarianceSchedulerMixin:
         eta: Optional[float] = None,
         use_clipped_model_output: Optional[bool] = None,
         apply_last_step_sigma_clip: bool = True,
+        check_finite: Optional[bool] = None,
     ) -> "ReverseStepDistribution":
         """
         The Gaussian `p(x_s | x_t) = N(mean, variance)` of one reverse step, without drawing from it.
 
         Arguments as in `step`; `apply_last_step_sigma_clip=False` ignores `last_step_sigma_clip` (likelihoods never
-        use it). After the last timestep (`prev_timestep == -1`) the mean is `x0_hat` and the variance zero, unless
-        `set_alpha_to_one=False` (then the step lands on `alphas_cumprod[0]`). Tensors are in float32 (float64 for
-        float64 samples). Does not advance `step_index`.
+        use it); `check_finite` overrides the config's for this step (`False`: no device flag is kept or read, for a
+        caller that checks its results itself, as `dataset_nll_bits_per_dim` does). After the last timestep
+        (`prev_timestep == -1`) the mean is `x0_hat` and the variance zero, unless `set_alpha_to_one=False` (then the
+        step lands on `alphas_cumprod[0]`). Tensors are in float32 (float64 for float64 samples). Does not advance
+        `step_index`.
         """
         index = self.index_for_timestep(timestep)
         return self._distribution_at(index, model_output, sample, eta, use_clipped_model_output,
-                                     apply_last_step_sigma_clip)
+                                     apply_last_step_sigma_clip, check_finite)
 
     def _returns_clean_sample(self, index: int) -> bool:
         """Whether the step at `index` is the last one and returns `x0_hat` itself (`set_alpha_to_one`)."""
@@ -536,9 +539,11 @@ class ReverseVarianceSchedulerMixin:
         eta: Optional[float],
         use_clipped_model_output: Optional[bool],
         apply_last_step_sigma_clip: bool,
+        check_finite: Optional[bool] = None,
     ) -> "ReverseStepDistribution":
         config = self.config
         eta = config.eta if eta is None else float(eta)
+        check_finite = config.check_finite if check_finite is None else check_finite
         if eta < 0:
             raise ValueError(f"`eta` must be >= 0, got {eta}.")
 
@@ -552,7 +557,7 @@ class ReverseVarianceSchedulerMixin:
         compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x_t = sample.to(compute_dtype)
         output, extra = self._split_model_output(model_output, sample)
-        if config.check_finite:
+        if check_finite:
             self._record_nonfinite(model_output, index)
         eps_hat, x0_hat = rs.eps_and_x0_from_model_output(output.to(compute_dtype), x_t, abar_t,
                                                           config.prediction_type)
@@ -563,10 +568,10 @@ class ReverseVarianceSchedulerMixin:
         x0_hat = rs.process_x0(x0_hat, config.clip_sample, config.clip_sample_range, config.thresholding,
                                config.dynamic_thresholding_ratio, config.sample_max_value)
 
-        if s < 0 and config.check_finite:
+        if s < 0 and check_finite:
             self._raise_if_nonfinite()
-        zero = torch.zeros((), dtype=compute_dtype, device=sample.device)
         if self._returns_clean_sample(index):
+            zero = torch.zeros((), dtype=compute_dtype, device=sample.device)
             return ReverseStepDistribution(x0_hat, zero, x0_hat, eps_hat, s)
 
         # 4. variance sigma^2 = lambda^2 + gamma_ts^2 * v, v bounded by Theorem 2
@@ -580,7 +585,10 @@ class ReverseVarianceSchedulerMixin:
         if clip_y is not None and s == self._trajectory[-1]:
             cap = rs.last_step_variance_cap(clip_y)
             variance = variance.clamp(max=cap) if isinstance(variance, torch.Tensor) else min(variance, cap)
-        variance = variance.to(compute_dtype) if isinstance(variance, torch.Tensor) else zero + variance
+        if isinstance(variance, torch.Tensor):
+            variance = variance.to(compute_dtype)
+        else:  # a float (a Gamma table): filled on the device, no host-to-device copy
+            variance = torch.full((), variance, dtype=compute_dtype, device=sample.device)
 
         # 5. mean: DDPM's posterior mean for eta = 1, the DDIM form (raw eps_hat) otherwise
         if eta == 1.0:
