@@ -346,6 +346,13 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         return model.to(torch_dtype) if torch_dtype is not None else model
 
 
+def require_head_model(head_model) -> None:
+    """Raises `TypeError` unless `head_model` is a `NoiseSquareHeadModel` (what training and fitting a head need)."""
+    if not isinstance(head_model, NoiseSquareHeadModel):
+        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
+                        f"got {type(head_model).__name__}.")
+
+
 class _BackboneCapture:
     """
     The input of a backbone's output normalisation (`"features"`) and its time embedding (`"temb"`) during the forward

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .data import training_images
 from .head_fitting import CachedFitRecipe, fit_noise_square_head, noise_square_target
-from .noise_square_head import NoiseSquareHeadModel
+from .noise_square_head import NoiseSquareHeadModel, require_head_model
 from .reverse_step import eps_and_x0_from_model_output
 from .runtime import (GeneratorLike, call_model, is_checkpoint, load_checkpoint, save_checkpoint, seed_of,
                       to_device, write_json_atomically)
@@ -220,9 +220,7 @@ def choose_recipe(recipe, num_steps: Optional[int],
 def _fit_cached(head_model, data, scheduler, recipe: CachedFitRecipe, output_dir: Optional[str], generator,
                 progress: bool, accelerator) -> List[float]:
     """The cached recipe (`head_fitting.fit_noise_square_head`), saved like the plain recipe's result."""
-    if not isinstance(head_model, NoiseSquareHeadModel):
-        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
-                        f"got {type(head_model).__name__}.")
+    require_head_model(head_model)
     if output_dir is not None and latest_checkpoint(output_dir) is not None:
         raise ValueError(f"{output_dir} holds checkpoints of a plain-recipe run, which a cached fit would leave beside "
                          "a head they did not make: use another `output_dir`, or resume that run with "
@@ -285,9 +283,7 @@ def _set_up(head_model, data, scheduler, num_steps, batch_size, lr, ema_decay, e
     """Checks the inputs, prepares model and Adam with the accelerator, and starts the EMA and the RNG stream."""
     from diffusers.training_utils import EMAModel
 
-    if not isinstance(head_model, NoiseSquareHeadModel):
-        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
-                        f"got {type(head_model).__name__}.")
+    require_head_model(head_model)
     images = training_images(data, head_model.head.config.in_channels)
     alphas_cumprod, prediction_type = _noise_schedule(scheduler)
     accelerator = _accelerator(accelerator, mixed_precision, micro_batches)
