@@ -27,6 +27,7 @@ the digits model.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shutil
@@ -50,10 +51,10 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINTS_DIR = "checkpoints"
 LOSS_HISTORY = "loss_history.json"
 RECIPES = ("plain", "cached")
-# the plain recipe's own arguments and their defaults: with the cached recipe they must keep these values
-PLAIN_DEFAULTS = {"batch_size": 128, "lr": 1e-4, "ema_decay": 0.9999, "ema_warmup": True,
-                  "gradient_accumulation_steps": 1, "mixed_precision": "no", "checkpoint_every": 1000,
-                  "checkpoints_total_limit": 2, "log_every": 100, "use_ema_weights": True}
+# the plain recipe's own arguments of `train_noise_square_head`: with the cached recipe they must keep their defaults
+# (`PLAIN_DEFAULTS`, read from its signature below)
+PLAIN_ARGUMENTS = ("batch_size", "lr", "ema_decay", "ema_warmup", "gradient_accumulation_steps", "mixed_precision",
+                   "checkpoint_every", "checkpoints_total_limit", "log_every", "use_ema_weights")
 PLAIN_NUM_STEPS = 1000
 
 
@@ -164,11 +165,8 @@ def train_noise_square_head(
         `List[float]`: plain: the loss of every optimizer step so far (resumed steps included), averaged over
         micro-batches and processes; cached: the loss at every L-BFGS evaluation (the mean over all rows).
     """
-    plain_arguments = dict(batch_size=batch_size, lr=lr, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                           gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
-                           checkpoint_every=checkpoint_every, checkpoints_total_limit=checkpoints_total_limit,
-                           log_every=log_every, use_ema_weights=use_ema_weights)
-    chosen = choose_recipe(recipe, num_steps, plain_arguments)
+    arguments = locals()  # first: the arguments alone
+    chosen = choose_recipe(recipe, num_steps, {name: arguments[name] for name in PLAIN_ARGUMENTS})
     output_dir = None if output_dir is None else os.fspath(output_dir)
     if isinstance(chosen, CachedFitRecipe):
         return _fit_cached(head_model, data, scheduler, chosen, output_dir, generator, progress, accelerator)
@@ -193,6 +191,10 @@ def train_noise_square_head(
         _save_checkpoint(run, output_dir, max(num_steps, run.start), checkpoints_total_limit)
     _finish(run, head_model, output_dir, num_steps, use_ema_weights)
     return run.losses
+
+
+PLAIN_DEFAULTS = {name: inspect.signature(train_noise_square_head).parameters[name].default
+                  for name in PLAIN_ARGUMENTS}
 
 
 def choose_recipe(recipe, num_steps: Optional[int],

@@ -175,3 +175,14 @@ def test_cli_train_head(tmp_path, capsys):
                  "--output", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert "train-head: error:" in err
+
+
+def test_every_plain_argument_is_refused_with_the_cached_recipe():
+    """`PLAIN_DEFAULTS` is read from the signature: each plain argument, given another value, is named in the error."""
+    from analytic_schedulers.training import PLAIN_DEFAULTS
+
+    model = NoiseSquareHeadModel.from_unet(make_unet())
+    for name, default in PLAIN_DEFAULTS.items():
+        other = (not default) if isinstance(default, bool) else ("fp16" if isinstance(default, str) else default + 1)
+        with pytest.raises(ValueError, match=f"cached recipe: {name}\\. Pass"):
+            train_noise_square_head(model, toy_data(8), SCHEDULER, recipe="cached", progress=False, **{name: other})
