@@ -406,12 +406,16 @@ def _log(run: _Run, bar, done: int, log_every: int) -> None:
 def latest_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[str]:
     """The folder of the last complete checkpoint under `output_dir/checkpoints`, or `None`."""
     folder = os.path.join(output_dir, CHECKPOINTS_DIR)
+    complete = [name for _, name in _checkpoint_names(folder) if is_checkpoint(os.path.join(folder, name))]
+    return os.path.join(folder, complete[-1]) if complete else None
+
+
+def _checkpoint_names(folder: str) -> List[Tuple[int, str]]:
+    """`(step, name)` of the `checkpoint-<step>` folders in `folder` (complete or not), sorted; `[]` without it."""
     if not os.path.isdir(folder):
-        return None
-    steps = [(int(name[len(CHECKPOINT_PREFIX):]), name) for name in os.listdir(folder)
-             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
-             and is_checkpoint(os.path.join(folder, name))]
-    return os.path.join(folder, max(steps)[1]) if steps else None
+        return []
+    return sorted((int(name[len(CHECKPOINT_PREFIX):]), name) for name in os.listdir(folder)
+                  if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit())
 
 
 def _save_checkpoint(run: _Run, output_dir: str, step: int, keep: Optional[int]) -> None:
@@ -503,8 +507,5 @@ def _prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
     if not keep:
         return
     folder = os.path.join(output_dir, CHECKPOINTS_DIR)
-    names = sorted((n for n in os.listdir(folder)
-                    if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()),
-                   key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))
-    for name in names[:-keep]:
+    for _, name in _checkpoint_names(folder)[:-keep]:
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
