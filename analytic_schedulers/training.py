@@ -234,11 +234,7 @@ def _fit_cached(head_model, data, scheduler, recipe: CachedFitRecipe, output_dir
         accelerator = Accelerator()
     head_model.to(accelerator.device)
     fit = fit_noise_square_head(head_model, images, scheduler, recipe, generator, accelerator, progress)
-    if output_dir is not None and accelerator.is_main_process:
-        head_model.head.save_pretrained(output_dir)
-        write_json_atomically(os.path.join(output_dir, LOSS_HISTORY), {
-            "covariance_type": head_model.covariance_type, "recipe": "cached", "losses": fit.losses,
-            "fit": fit.to_dict(losses=False)})
+    _save_result(accelerator, head_model.head, output_dir, "cached", fit.losses, fit=fit.to_dict(losses=False))
     accelerator.wait_for_everyone()
     return fit.losses
 
@@ -468,15 +464,20 @@ def _finish(run: _Run, head_model, output_dir: Optional[str], num_steps: int, us
     if not use_ema_weights:
         run.ema.store(parameters)
     run.ema.copy_to(parameters)
-    if output_dir is not None and run.accelerator.is_main_process:
-        run.head.save_pretrained(output_dir)
-        write_json_atomically(os.path.join(output_dir, LOSS_HISTORY),
-                              {"covariance_type": run.covariance_type, "recipe": "plain", "losses": run.losses})
+    _save_result(run.accelerator, run.head, output_dir, "plain", run.losses)
     if not use_ema_weights:
         run.ema.restore(parameters)
     run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # restores the model's own forward
     head_model.eval()
     run.accelerator.wait_for_everyone()
+
+
+def _save_result(accelerator, head, output_dir: Optional[str], recipe: str, losses: List[float], **record) -> None:
+    """The main process writes the head and `loss_history.json` (the recipe, its losses, `record`) to `output_dir`."""
+    if output_dir is not None and accelerator.is_main_process:
+        head.save_pretrained(output_dir)
+        write_json_atomically(os.path.join(output_dir, LOSS_HISTORY), {
+            "covariance_type": head.config.covariance_type, "recipe": recipe, "losses": losses, **record})
 
 
 def _split_optimizer_state(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
