@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import reverse_step as rs
 from .gaussian_math import ddpm_posterior, normal_kl
-from .noise_square_head import NoiseSquareHeadModel, apply_output_activation
+from .noise_square_head import NoiseSquareHeadModel, apply_output_activation, require_head_model
 from .runtime import GeneratorLike, call_model, make_generator, model_device_dtype, seed_of, stream_seed, to_device
 from .schedule import alphas_cumprod_float64, spaced_timesteps
 
@@ -583,9 +583,7 @@ class HeadFit:
 
 def check_head_model(head_model, recipe: CachedFitRecipe, sample_size: Tuple[int, int]) -> None:
     """Raises for a model the cached recipe cannot fit, saying what to use instead."""
-    if not isinstance(head_model, NoiseSquareHeadModel):
-        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
-                        f"got {type(head_model).__name__}.")
+    require_head_model(head_model)
     config = head_model.head.config
     if config.resblock:
         raise ValueError(RESBLOCK_HELP)

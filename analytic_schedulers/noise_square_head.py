@@ -234,21 +234,9 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         self.head = head.to(next(unet.parameters()))  # the backbone's device and dtype
         self.register_to_config(unet_config=_config_dict(unet), head_config=_config_dict(head),
                                 **{name: unet.config.get(name) for name in PIPELINE_KEYS})
-        # one backbone forward gives eps_hat and, through these hooks, the input of its output normalisation (and its
-        # time embedding): registered once here, not per call, so that `torch.compile` traces them
-        self._captured: Dict[str, torch.Tensor] = {}
-        self._capturing = False
-        unet.conv_norm_out.register_forward_pre_hook(self._keep_features)
-        if head.config.resblock:
-            unet.time_embedding.register_forward_hook(self._keep_time_embedding)
-
-    def _keep_features(self, module, args) -> None:
-        if self._capturing:  # only during this model's own forward (a backbone may be shared)
-            self._captured["features"] = args[0]
-
-    def _keep_time_embedding(self, module, args, output) -> None:
-        if self._capturing:
-            self._captured["temb"] = output
+        # one backbone forward gives eps_hat and, through the hooks of the backbone's capture, the input of its output
+        # normalisation (and its time embedding)
+        self._capture = _BackboneCapture.of(unet)
 
     @classmethod
     def from_unet(
@@ -306,17 +294,19 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         Returns:
             The backbone's output class (or a 1-tuple) with `sample = cat([eps_hat, h], dim=1)`, 2C channels.
         """
-        self._capturing = True
+        capture = self._capture
+        capture.active = True
         try:
             output = self.unet(sample, timestep, *args, return_dict=True, **kwargs)
         finally:
-            self._capturing = False
+            capture.active = False
+            captured, capture.values = capture.values, {}
         C, eps = self.head.config.in_channels, output.sample
         if eps.shape[1] == 2 * C:  # a learned-variance backbone: its first C channels are eps
             eps = eps.split(C, dim=1)[0]
-        features = self._captured.pop("features").to(self.head.conv.weight.dtype)
-        temb = self._captured.pop("temb", None)
-        h = self.head(features, None if temb is None else temb.to(features.dtype)).to(eps.dtype)
+        features = captured["features"].to(self.head.conv.weight.dtype)
+        temb = captured["temb"].to(features.dtype) if self.head.config.resblock else None
+        h = self.head(features, temb).to(eps.dtype)
         out = torch.cat([eps, h], dim=1)
         return type(output)(sample=out) if return_dict else (out,)
 
@@ -354,6 +344,50 @@ class NoiseSquareHeadModel(ModelMixin, ConfigMixin):
         model = load_head_model(pretrained_model_name_or_path, unet, subfolder=subfolder, **hub_kwargs)
         torch_dtype = kwargs.get("torch_dtype")
         return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def require_head_model(head_model) -> None:
+    """Raises `TypeError` unless `head_model` is a `NoiseSquareHeadModel` (what training and fitting a head need)."""
+    if not isinstance(head_model, NoiseSquareHeadModel):
+        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
+                        f"got {type(head_model).__name__}.")
+
+
+class _BackboneCapture:
+    """
+    The input of a backbone's output normalisation (`"features"`) and its time embedding (`"temb"`) during the forward
+    of a `NoiseSquareHeadModel`, read by two hooks on the backbone.
+
+    One per backbone, shared by all the head models on it (`_BackboneCapture.of(unet)`): its hooks are registered once,
+    when the first head model is built on the backbone, not per head model (they would pile up on a shared backbone)
+    nor per call (so that `torch.compile` traces them). They keep what they see only while a head model's forward has
+    switched `active` on, not in a forward of the bare backbone. It lives in the backbone's `__dict__`, not as a
+    submodule or config entry: the backbone's `state_dict`, config and saved folders do not see it.
+    """
+
+    _KEY = "_noise_square_head_capture"
+
+    def __init__(self, unet):
+        self.active = False
+        self.values: Dict[str, torch.Tensor] = {}
+        unet.conv_norm_out.register_forward_pre_hook(self._keep_features)
+        unet.time_embedding.register_forward_hook(self._keep_time_embedding)
+
+    @classmethod
+    def of(cls, unet) -> "_BackboneCapture":
+        """The backbone's capture, made (and its hooks registered) on the first call."""
+        capture = unet.__dict__.get(cls._KEY)
+        if capture is None:
+            capture = unet.__dict__[cls._KEY] = cls(unet)
+        return capture
+
+    def _keep_features(self, module, args) -> None:
+        if self.active:
+            self.values["features"] = args[0]
+
+    def _keep_time_embedding(self, module, args, output) -> None:
+        if self.active:
+            self.values["temb"] = output
 
 
 def load_head_model(location: Union[str, os.PathLike], unet, subfolder: Optional[str] = None,

@@ -27,6 +27,7 @@ the digits model.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shutil
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from .data import training_images
 from .head_fitting import CachedFitRecipe, fit_noise_square_head, noise_square_target
-from .noise_square_head import NoiseSquareHeadModel
+from .noise_square_head import NoiseSquareHeadModel, require_head_model
 from .reverse_step import eps_and_x0_from_model_output
 from .runtime import (GeneratorLike, call_model, is_checkpoint, load_checkpoint, save_checkpoint, seed_of,
                       to_device, write_json_atomically)
@@ -50,10 +51,10 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINTS_DIR = "checkpoints"
 LOSS_HISTORY = "loss_history.json"
 RECIPES = ("plain", "cached")
-# the plain recipe's own arguments and their defaults: with the cached recipe they must keep these values
-PLAIN_DEFAULTS = {"batch_size": 128, "lr": 1e-4, "ema_decay": 0.9999, "ema_warmup": True,
-                  "gradient_accumulation_steps": 1, "mixed_precision": "no", "checkpoint_every": 1000,
-                  "checkpoints_total_limit": 2, "log_every": 100, "use_ema_weights": True}
+# the plain recipe's own arguments of `train_noise_square_head`: with the cached recipe they must keep their defaults
+# (`PLAIN_DEFAULTS`, read from its signature below)
+PLAIN_ARGUMENTS = ("batch_size", "lr", "ema_decay", "ema_warmup", "gradient_accumulation_steps", "mixed_precision",
+                   "checkpoint_every", "checkpoints_total_limit", "log_every", "use_ema_weights")
 PLAIN_NUM_STEPS = 1000
 
 
@@ -164,11 +165,8 @@ def train_noise_square_head(
         `List[float]`: plain: the loss of every optimizer step so far (resumed steps included), averaged over
         micro-batches and processes; cached: the loss at every L-BFGS evaluation (the mean over all rows).
     """
-    plain_arguments = dict(batch_size=batch_size, lr=lr, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                           gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
-                           checkpoint_every=checkpoint_every, checkpoints_total_limit=checkpoints_total_limit,
-                           log_every=log_every, use_ema_weights=use_ema_weights)
-    chosen = choose_recipe(recipe, num_steps, plain_arguments)
+    arguments = locals()  # first: the arguments alone
+    chosen = choose_recipe(recipe, num_steps, {name: arguments[name] for name in PLAIN_ARGUMENTS})
     output_dir = None if output_dir is None else os.fspath(output_dir)
     if isinstance(chosen, CachedFitRecipe):
         return _fit_cached(head_model, data, scheduler, chosen, output_dir, generator, progress, accelerator)
@@ -193,6 +191,10 @@ def train_noise_square_head(
         _save_checkpoint(run, output_dir, max(num_steps, run.start), checkpoints_total_limit)
     _finish(run, head_model, output_dir, num_steps, use_ema_weights)
     return run.losses
+
+
+PLAIN_DEFAULTS = {name: inspect.signature(train_noise_square_head).parameters[name].default
+                  for name in PLAIN_ARGUMENTS}
 
 
 def choose_recipe(recipe, num_steps: Optional[int],
@@ -220,9 +222,7 @@ def choose_recipe(recipe, num_steps: Optional[int],
 def _fit_cached(head_model, data, scheduler, recipe: CachedFitRecipe, output_dir: Optional[str], generator,
                 progress: bool, accelerator) -> List[float]:
     """The cached recipe (`head_fitting.fit_noise_square_head`), saved like the plain recipe's result."""
-    if not isinstance(head_model, NoiseSquareHeadModel):
-        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
-                        f"got {type(head_model).__name__}.")
+    require_head_model(head_model)
     if output_dir is not None and latest_checkpoint(output_dir) is not None:
         raise ValueError(f"{output_dir} holds checkpoints of a plain-recipe run, which a cached fit would leave beside "
                          "a head they did not make: use another `output_dir`, or resume that run with "
@@ -234,11 +234,7 @@ def _fit_cached(head_model, data, scheduler, recipe: CachedFitRecipe, output_dir
         accelerator = Accelerator()
     head_model.to(accelerator.device)
     fit = fit_noise_square_head(head_model, images, scheduler, recipe, generator, accelerator, progress)
-    if output_dir is not None and accelerator.is_main_process:
-        head_model.head.save_pretrained(output_dir)
-        write_json_atomically(os.path.join(output_dir, LOSS_HISTORY), {
-            "covariance_type": head_model.covariance_type, "recipe": "cached", "losses": fit.losses,
-            "fit": fit.to_dict(losses=False)})
+    _save_result(accelerator, head_model.head, output_dir, "cached", fit.losses, fit=fit.to_dict(losses=False))
     accelerator.wait_for_everyone()
     return fit.losses
 
@@ -285,9 +281,7 @@ def _set_up(head_model, data, scheduler, num_steps, batch_size, lr, ema_decay, e
     """Checks the inputs, prepares model and Adam with the accelerator, and starts the EMA and the RNG stream."""
     from diffusers.training_utils import EMAModel
 
-    if not isinstance(head_model, NoiseSquareHeadModel):
-        raise TypeError(f"`head_model` must be a `NoiseSquareHeadModel` (`NoiseSquareHeadModel.from_unet(unet)`), "
-                        f"got {type(head_model).__name__}.")
+    require_head_model(head_model)
     images = training_images(data, head_model.head.config.in_channels)
     alphas_cumprod, prediction_type = _noise_schedule(scheduler)
     accelerator = _accelerator(accelerator, mixed_precision, micro_batches)
@@ -408,12 +402,16 @@ def _log(run: _Run, bar, done: int, log_every: int) -> None:
 def latest_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[str]:
     """The folder of the last complete checkpoint under `output_dir/checkpoints`, or `None`."""
     folder = os.path.join(output_dir, CHECKPOINTS_DIR)
+    complete = [name for _, name in _checkpoint_names(folder) if is_checkpoint(os.path.join(folder, name))]
+    return os.path.join(folder, complete[-1]) if complete else None
+
+
+def _checkpoint_names(folder: str) -> List[Tuple[int, str]]:
+    """`(step, name)` of the `checkpoint-<step>` folders in `folder` (complete or not), sorted; `[]` without it."""
     if not os.path.isdir(folder):
-        return None
-    steps = [(int(name[len(CHECKPOINT_PREFIX):]), name) for name in os.listdir(folder)
-             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
-             and is_checkpoint(os.path.join(folder, name))]
-    return os.path.join(folder, max(steps)[1]) if steps else None
+        return []
+    return sorted((int(name[len(CHECKPOINT_PREFIX):]), name) for name in os.listdir(folder)
+                  if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit())
 
 
 def _save_checkpoint(run: _Run, output_dir: str, step: int, keep: Optional[int]) -> None:
@@ -466,15 +464,20 @@ def _finish(run: _Run, head_model, output_dir: Optional[str], num_steps: int, us
     if not use_ema_weights:
         run.ema.store(parameters)
     run.ema.copy_to(parameters)
-    if output_dir is not None and run.accelerator.is_main_process:
-        run.head.save_pretrained(output_dir)
-        write_json_atomically(os.path.join(output_dir, LOSS_HISTORY),
-                              {"covariance_type": run.covariance_type, "recipe": "plain", "losses": run.losses})
+    _save_result(run.accelerator, run.head, output_dir, "plain", run.losses)
     if not use_ema_weights:
         run.ema.restore(parameters)
     run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # restores the model's own forward
     head_model.eval()
     run.accelerator.wait_for_everyone()
+
+
+def _save_result(accelerator, head, output_dir: Optional[str], recipe: str, losses: List[float], **record) -> None:
+    """The main process writes the head and `loss_history.json` (the recipe, its losses, `record`) to `output_dir`."""
+    if output_dir is not None and accelerator.is_main_process:
+        head.save_pretrained(output_dir)
+        write_json_atomically(os.path.join(output_dir, LOSS_HISTORY), {
+            "covariance_type": head.config.covariance_type, "recipe": recipe, "losses": losses, **record})
 
 
 def _split_optimizer_state(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -505,8 +508,5 @@ def _prune_checkpoints(output_dir: str, keep: Optional[int]) -> None:
     if not keep:
         return
     folder = os.path.join(output_dir, CHECKPOINTS_DIR)
-    names = sorted((n for n in os.listdir(folder)
-                    if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()),
-                   key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))
-    for name in names[:-keep]:
+    for _, name in _checkpoint_names(folder)[:-keep]:
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)

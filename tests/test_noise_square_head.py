@@ -113,6 +113,31 @@ def test_mismatched_or_missing_parts_are_refused():
         NoiseSquareHeadModel.from_unet(torch.nn.Conv2d(1, 1, 1))
 
 
+def test_head_models_on_one_backbone_share_its_two_hooks_and_keep_their_own_heads(tmp_path):
+    """Head models built on one backbone (`from_unet`, loads) reuse its two hooks instead of adding their own."""
+    unet = make_unet()
+    hooks_before = (len(unet.conv_norm_out._forward_pre_hooks), len(unet.time_embedding._forward_hooks))
+    models = [perturb_head(NoiseSquareHeadModel.from_unet(unet, covariance_type="npr", resblock=seed % 2 == 1), seed)
+              for seed in range(1, 6)]
+    models[0].head.save_pretrained(tmp_path)
+    models.append(load_head_model(tmp_path, unet))
+    assert len(unet.conv_norm_out._forward_pre_hooks) == hooks_before[0] + 1
+    assert len(unet.time_embedding._forward_hooks) == hooks_before[1] + 1
+    assert not any(key.startswith("_noise_square") for key in unet.state_dict())
+    assert not any(key.startswith("_noise_square") for key in models[0].state_dict())
+    x, t = inputs()
+    with torch.no_grad():
+        outputs = [model(x, t).sample for model in models]
+        eps = unet(x, t).sample  # the bare backbone, with the hooks idle
+    for model, out in zip(models, outputs):
+        # each model's own head, on the features of its own forward: what a head model alone on a copy would give
+        alone = NoiseSquareHeadModel(unet=make_unet(), head=model.head)
+        with torch.no_grad():
+            assert torch.equal(out, alone(x, t).sample)
+        assert torch.equal(out[:, :1], eps)
+    assert not torch.equal(outputs[0][:, 1:], outputs[1][:, 1:])
+
+
 # ------------------------------------------------------------------------------------------------ saving
 
 

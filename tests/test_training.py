@@ -7,6 +7,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from analytic_schedulers.cli import main
+from analytic_schedulers.head_fitting import fit_noise_square_head
 from analytic_schedulers.noise_square_head import NoiseSquareHeadModel, load_head_model
 from analytic_schedulers.training import latest_checkpoint, noise_square_head_loss, train_noise_square_head
 
@@ -108,6 +109,13 @@ def test_gradient_accumulation_and_bad_arguments():
         train_noise_square_head(model, torch.zeros(4, 1, 8, 8, dtype=torch.uint8), SCHEDULER, num_steps=1, **TRAIN)
     with pytest.raises(TypeError, match="NoiseSquareHeadModel"):
         train_noise_square_head(make_unet(), data, SCHEDULER, num_steps=1, **TRAIN)
+    # the same message from the cached recipe, and from its fit alone
+    message = (r"`head_model` must be a `NoiseSquareHeadModel` \(`NoiseSquareHeadModel.from_unet\(unet\)`\), "
+               "got UNet2DModel")
+    with pytest.raises(TypeError, match=message):
+        train_noise_square_head(make_unet(), data, SCHEDULER, recipe="cached", progress=False)
+    with pytest.raises(TypeError, match=message):
+        fit_noise_square_head(make_unet(), data, SCHEDULER)
     with pytest.raises(ValueError, match="checkpoint_every"):
         train_noise_square_head(model, data, SCHEDULER, num_steps=1, checkpoint_every=0, **TRAIN)
 
@@ -167,3 +175,14 @@ def test_cli_train_head(tmp_path, capsys):
                  "--output", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert "train-head: error:" in err
+
+
+def test_every_plain_argument_is_refused_with_the_cached_recipe():
+    """`PLAIN_DEFAULTS` is read from the signature: each plain argument, given another value, is named in the error."""
+    from analytic_schedulers.training import PLAIN_DEFAULTS
+
+    model = NoiseSquareHeadModel.from_unet(make_unet())
+    for name, default in PLAIN_DEFAULTS.items():
+        other = (not default) if isinstance(default, bool) else ("fp16" if isinstance(default, str) else default + 1)
+        with pytest.raises(ValueError, match=f"cached recipe: {name}\\. Pass"):
+            train_noise_square_head(model, toy_data(8), SCHEDULER, recipe="cached", progress=False, **{name: other})
