@@ -28,14 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_fid import DigitsFID  # noqa: E402
+from common import digits_evaluation, seeded_nll, seeded_samples  # noqa: E402
 
-from analytic_schedulers import nll_bits_per_dim  # noqa: E402
-from analytic_schedulers.data import quantize_8bit  # noqa: E402
-from analytic_schedulers.datasets import digits_images  # noqa: E402
 from analytic_schedulers.loading import load  # noqa: E402
 from analytic_schedulers.runtime import write_json_atomically  # noqa: E402
-from analytic_schedulers.sampling import build_sampler, sample_images  # noqa: E402
+from analytic_schedulers.sampling import build_sampler  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUTES = ("table", "batch")
@@ -57,23 +54,13 @@ def timed(function):
 
 def fid_of(name, route, K, seed, loaded, fid, args):
     sampler = make_sampler(name, route, loaded, args.last_step_sigma_clip)
-
-    def run():
-        chunks = []
-        for begin in range(0, args.num_samples, args.batch_size):
-            images = range(begin, min(begin + args.batch_size, args.num_samples))
-            generators = [torch.Generator().manual_seed(seed * SEED_STRIDE + i) for i in images]
-            chunks.append(sample_images(loaded.unet, sampler, K, generators))
-        return fid(torch.cat(chunks))
-
-    return timed(run)
+    return timed(lambda: fid(seeded_samples(loaded.unet, sampler, K, args.num_samples, args.batch_size, seed,
+                                            SEED_STRIDE)))
 
 
 def nll_of(route, K, seed, loaded, test_x0):
     sampler = make_sampler("analytic-ddpm", route, loaded, None)
-    sampler.set_timesteps(K)
-    generator = torch.Generator().manual_seed(seed)
-    return timed(lambda: nll_bits_per_dim(loaded.unet, sampler.scheduler, test_x0, generator=generator).mean().item())
+    return timed(lambda: seeded_nll(loaded.unet, sampler, K, test_x0, seed))
 
 
 def measure(args, loaded, fid, test_x0):
@@ -154,8 +141,7 @@ def main():
     output.parent.mkdir(parents=True, exist_ok=True)
     loaded = load(None)
     size = loaded.unet.config.sample_size
-    fid = DigitsFID(size=size, seed=0, epochs=args.fid_epochs, num_samples=args.num_samples)
-    test_x0 = quantize_8bit(digits_images("test", size))[: args.nll_images]
+    fid, test_x0 = digits_evaluation(size, args.num_samples, args.nll_images, args.fid_epochs)
     print(f"bundled model; {args.num_samples} samples per FID in batches of {args.batch_size}; NLL of {len(test_x0)} "
           f"held-out images in one batch; seeds 0..{args.seeds - 1}; FID floor {fid.data_fid:.2f}; "
           f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}")

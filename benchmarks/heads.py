@@ -36,16 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_fid import DigitsFID  # noqa: E402
+from common import digits_evaluation, seeded_nll, seeded_samples  # noqa: E402
 
-from analytic_schedulers import NoiseSquareHeadModel, nll_bits_per_dim, train_noise_square_head  # noqa: E402
-from analytic_schedulers.data import quantize_8bit  # noqa: E402
+from analytic_schedulers import NoiseSquareHeadModel, train_noise_square_head  # noqa: E402
 from analytic_schedulers.datasets import digits_images  # noqa: E402
 from analytic_schedulers.head_fitting import CachedFitRecipe, collect_head_cache, fit_output_layer  # noqa: E402
 from analytic_schedulers.loading import load  # noqa: E402
-from analytic_schedulers.sampling import build_sampler, sample_images  # noqa: E402
+from analytic_schedulers.sampling import build_sampler  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SEED_STRIDE = 100_000  # image i of seed s: generator s * SEED_STRIDE + i
 PLAIN = dict(batch_size=64, lr=1e-3)  # the plain recipe as the bundled heads were first trained
 # label: (sampler, which model, last-step clip y, scored by NLL)
 ROWS = {
@@ -68,8 +68,7 @@ class Bench:
         self.unet = self.loaded.unet.eval()
         self.scheduler = self._ddpm_scheduler()
         self.train_images = digits_images("train", 16)
-        self.test_x0 = quantize_8bit(digits_images("test", 16))[: args.nll_images]
-        self.fid = DigitsFID(size=16, seed=0, epochs=args.fid_epochs, num_samples=args.num_samples)
+        self.fid, self.test_x0 = digits_evaluation(16, args.num_samples, args.nll_images, args.fid_epochs)
         self.recipe = CachedFitRecipe(num_draws=args.draws, max_evaluations=args.max_evaluations)
 
     def _ddpm_scheduler(self):
@@ -118,16 +117,10 @@ def score(bench: Bench, label: str, model, K: int, seed: int) -> dict:
     row = {"label": label, "K": K, "seed": seed, "nll_bpd": None}
     if with_nll:
         sampler = build_sampler(sampler_name, bench.loaded.scheduler_config, bench.loaded.gamma)
-        sampler.set_timesteps(K)
-        nll = nll_bits_per_dim(model, sampler.scheduler, bench.test_x0, generator=torch.Generator().manual_seed(seed))
-        row["nll_bpd"] = nll.mean().item()
+        row["nll_bpd"] = seeded_nll(model, sampler, K, bench.test_x0, seed)
     sampler = build_sampler(sampler_name, bench.loaded.scheduler_config, bench.loaded.gamma, last_step_sigma_clip=clip)
-    chunks = []
-    for begin in range(0, bench.args.num_samples, bench.args.batch_size):
-        end = min(begin + bench.args.batch_size, bench.args.num_samples)
-        generators = [torch.Generator().manual_seed(seed * 100_000 + i) for i in range(begin, end)]
-        chunks.append(sample_images(model, sampler, K, generators))
-    row["fid"] = bench.fid(torch.cat(chunks))
+    args = bench.args
+    row["fid"] = bench.fid(seeded_samples(model, sampler, K, args.num_samples, args.batch_size, seed, SEED_STRIDE))
     return row
 
 

@@ -35,12 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import digits_evaluation, seeded_nll, seeded_samples  # noqa: E402
 from digits_fid import DigitsFID  # noqa: E402
 
-from analytic_schedulers.data import quantize_8bit  # noqa: E402
-from analytic_schedulers.datasets import digits_images  # noqa: E402
 from analytic_schedulers.loading import load  # noqa: E402
-from analytic_schedulers.sampling import build_sampler, sample_images, sampler_spec  # noqa: E402
+from analytic_schedulers.sampling import build_sampler, sampler_spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {  # benchmark name: sampler name (see analytic_schedulers.sampling.SAMPLERS)
@@ -76,19 +75,11 @@ def measure(name, K, seed, loaded, fid, test_x0, args):
     base_config, gamma = loaded.scheduler_config, loaded.gamma
     sampler = build_sampler(sampler_name, base_config, gamma, last_step_sigma_clip=args.last_step_sigma_clip)
     start = time.perf_counter()
-    chunks = []
-    for begin in range(0, args.num_samples, args.batch_size):
-        images = range(begin, min(begin + args.batch_size, args.num_samples))
-        generators = [torch.Generator().manual_seed(seed * SEED_STRIDE + i) for i in images]
-        chunks.append(sample_images(model, sampler, K, generators))
-    result = {"seconds": time.perf_counter() - start, "fid": fid(torch.cat(chunks)), "nll_bpd": None}
+    samples = seeded_samples(model, sampler, K, args.num_samples, args.batch_size, seed, SEED_STRIDE)
+    result = {"seconds": time.perf_counter() - start, "fid": fid(samples), "nll_bpd": None}
     if spec.has_elbo and args.nll_images > 0:
-        from analytic_schedulers import nll_bits_per_dim
-
         sampler = build_sampler(sampler_name, base_config, gamma, last_step_sigma_clip=None)
-        sampler.set_timesteps(K)
-        nll = nll_bits_per_dim(model, sampler.scheduler, test_x0, generator=torch.Generator().manual_seed(seed))
-        result["nll_bpd"] = nll.mean().item()
+        result["nll_bpd"] = seeded_nll(model, sampler, K, test_x0, seed)
     return result
 
 
@@ -214,8 +205,7 @@ def main():
     loaded = load(args.model)
     heads = [kind for kind in ("sn", "npr") if loaded.head_model(kind) is not None]
     size = loaded.unet.config.sample_size
-    fid = DigitsFID(size=size, seed=0, num_samples=args.num_samples)
-    test_x0 = quantize_8bit(digits_images("test", size))[: args.nll_images]
+    fid, test_x0 = digits_evaluation(size, args.num_samples, args.nll_images)
     steps = [int(k) for k in args.steps.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
