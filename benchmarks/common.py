@@ -1,7 +1,9 @@
 """What the digits benchmarks (`quality_vs_steps.py`, `heads.py`, `data_free.py`) share: the held-out data and the
-FID, seeded sampling and NLL (common random numbers)."""
+FID, seeded sampling and NLL (common random numbers), and statistics over seeds."""
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 from digits_fid import DigitsFID
@@ -35,3 +37,22 @@ def seeded_nll(model, sampler, K: int, x0: torch.Tensor, seed: int) -> float:
     generator seeded `seed`."""
     sampler.set_timesteps(K)
     return nll_bits_per_dim(model, sampler.scheduler, x0, generator=torch.Generator().manual_seed(seed)).mean().item()
+
+
+def mean_std(values, one_value_std=0.0, torch_float64=False):
+    """`(mean, std)` over seeds, the std `one_value_std` for one value; `(None, None)` when there is no value or one
+    is None. `statistics.fmean` and `stdev`, or with `torch_float64` a float64 tensor's `mean` and `std` (their last
+    bits differ: `quality_vs_steps.py` has always used torch)."""
+    if not values or any(v is None for v in values):
+        return None, None
+    if torch_float64:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        return tensor.mean().item(), (tensor.std().item() if len(values) > 1 else one_value_std)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else one_value_std)
+
+
+def paired_difference(values, baseline, seeds, **mean_std_options):
+    """`mean_std` over `seeds` of the paired differences `values[s] - baseline[s]` (two measurements with the same
+    random numbers); `(None, None)` when a value is missing."""
+    diffs = [None if values[s] is None or baseline[s] is None else values[s] - baseline[s] for s in seeds]
+    return mean_std(diffs, **mean_std_options)

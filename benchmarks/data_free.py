@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import digits_evaluation, seeded_nll, seeded_samples  # noqa: E402
+from common import digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples  # noqa: E402
 
 from analytic_schedulers.loading import load  # noqa: E402
 from analytic_schedulers.runtime import write_json_atomically  # noqa: E402
@@ -85,10 +84,6 @@ def show(row):
           f"{row['value']:9.4f}  {row['cpu_seconds']:7.1f} CPU s", flush=True)
 
 
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(rows):
     """Per metric, sampler and K: mean and std over seeds of each route, and of the paired difference batch - table."""
     summary = []
@@ -100,8 +95,8 @@ def summarize(rows):
         entry = dict(metric=metric, sampler=sampler, steps=K, seeds=len(seeds))
         for route in ROUTES:
             entry[f"{route}_mean"], entry[f"{route}_std"] = mean_std([by_route[route][s] for s in seeds])
-        entry["difference_mean"], entry["difference_std"] = mean_std(
-            [by_route["batch"][s] - by_route["table"][s] for s in seeds])
+        difference = paired_difference(by_route["batch"], by_route["table"], seeds)
+        entry["difference_mean"], entry["difference_std"] = difference
         summary.append(entry)
     return summary
 

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import digits_evaluation, seeded_nll, seeded_samples  # noqa: E402
+from common import digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples  # noqa: E402
 
 from analytic_schedulers import NoiseSquareHeadModel, train_noise_square_head  # noqa: E402
 from analytic_schedulers.datasets import digits_images  # noqa: E402
@@ -124,16 +124,14 @@ def score(bench: Bench, label: str, model, K: int, seed: int) -> dict:
     return row
 
 
-def spread(values):
-    """`(mean, std, exceeds)`: std over seeds (None for one seed); `exceeds` for a paired difference, whether
-    |mean| > t(0.975, n - 1) std / sqrt(n)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
+def exceeds_spread(mean, std, n):
+    """Whether a paired difference over n seeds exceeds its spread, |mean| > t(0.975, n - 1) std / sqrt(n); None
+    for one seed (std None)."""
+    if std is None:
+        return None
     from scipy.stats import t as student_t
 
-    std = statistics.stdev(values)
-    return mean, std, bool(abs(mean) > student_t.ppf(0.975, len(values) - 1) * std / math.sqrt(len(values)))
+    return bool(abs(mean) > student_t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
 def summarise(rows, costs):
@@ -149,10 +147,12 @@ def summarise(rows, costs):
                 values = [mine[s][metric] for s in seeds if mine[s][metric] is not None]
                 if not values:
                     continue
-                entry[metric] = dict(zip(("mean", "std"), spread(values)[:2]))
+                entry[metric] = dict(zip(("mean", "std"), mean_std(values, one_value_std=None)))
                 if label != "analytic":
-                    diff = spread([mine[s][metric] - base[s][metric] for s in seeds])
-                    entry[f"{metric}_vs_analytic"] = dict(zip(("mean", "std", "exceeds_spread"), diff))
+                    mean, std = paired_difference({s: mine[s][metric] for s in seeds},
+                                                  {s: base[s][metric] for s in seeds}, seeds, one_value_std=None)
+                    entry[f"{metric}_vs_analytic"] = {"mean": mean, "std": std,
+                                                      "exceeds_spread": exceeds_spread(mean, std, len(seeds))}
             model = ROWS[label][1]
             if model is not None and model in costs[seeds[0]] and label == model:
                 entry["head_cpu_seconds"] = statistics.fmean(costs[s][model]["cpu_seconds"] for s in seeds)

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import digits_evaluation, seeded_nll, seeded_samples  # noqa: E402
+from common import digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples  # noqa: E402
 from digits_fid import DigitsFID  # noqa: E402
 
 from analytic_schedulers.loading import load  # noqa: E402
@@ -90,16 +90,8 @@ def run_method(name, K, loaded, fid, test_x0, args, seeds):
     per_seed = {str(seed): measure(name, K, seed, loaded, fid, test_x0, args) for seed in seeds}
     row = {"method": name, "steps": K, "per_seed": per_seed}
     for key in ("fid", "nll_bpd", "seconds"):
-        row[key], row[f"{key}_std"] = mean_std([m[key] for m in per_seed.values()])
+        row[key], row[f"{key}_std"] = mean_std([m[key] for m in per_seed.values()], torch_float64=True)
     return row
-
-
-def mean_std(values):
-    """`(mean, std over the values)`, std 0 for one value; `(None, None)` when a value is missing."""
-    if not values or any(v is None for v in values):
-        return None, None
-    tensor = torch.tensor(values, dtype=torch.float64)
-    return tensor.mean().item(), (tensor.std().item() if len(values) > 1 else 0.0)
 
 
 def paired_differences(rows):
@@ -114,11 +106,10 @@ def paired_differences(rows):
                 continue
             seeds = sorted(set(a["per_seed"]) & set(b["per_seed"]), key=int)
             for key in ("fid", "nll_bpd"):
-                diffs = [a["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds
-                         if a["per_seed"][s][key] is not None and b["per_seed"][s][key] is not None]
-                if len(diffs) != len(seeds) or not diffs:
+                mean, std = paired_difference({s: a["per_seed"][s][key] for s in seeds},
+                                              {s: b["per_seed"][s][key] for s in seeds}, seeds, torch_float64=True)
+                if mean is None:
                     continue
-                mean, std = mean_std(diffs)
                 out.append({"method": method, "baseline": baseline, "steps": K, "metric": key, "seeds": len(seeds),
                             "difference": mean, "difference_std": std,
                             "beyond_spread": len(seeds) > 1 and abs(mean) > 2 * std})
