@@ -23,9 +23,7 @@ One CPU thread by default; the full run takes about 20 minutes on one core, trai
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -42,6 +40,7 @@ from analytic_schedulers import NoiseSquareHeadModel, train_noise_square_head  #
 from analytic_schedulers.datasets import digits_images  # noqa: E402
 from analytic_schedulers.head_fitting import CachedFitRecipe, collect_head_cache, fit_output_layer  # noqa: E402
 from analytic_schedulers.loading import load  # noqa: E402
+from analytic_schedulers.runtime import write_json_atomically  # noqa: E402
 from analytic_schedulers.sampling import build_sampler  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -241,10 +240,8 @@ def main():
             "machine": platform.machine(), "wall_seconds": time.perf_counter() - wall_start}
     output = Path(args.output or RESULTS / ("heads_quick.json" if args.quick else "heads.json"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "training": {str(s): c for s, c in costs.items()},
-                               "rows": rows}, indent=1))
-    os.replace(tmp, output)
+    write_json_atomically(output, {"meta": meta, "summary": summary, "training": {str(s): c for s, c in costs.items()},
+                                   "rows": rows}, indent=1)
     print(f"wrote {output}")
 
 

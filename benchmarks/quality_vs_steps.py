@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -39,6 +38,7 @@ from common import digits_evaluation, mean_std, paired_difference, seeded_nll, s
 from digits_fid import DigitsFID  # noqa: E402
 
 from analytic_schedulers.loading import load  # noqa: E402
+from analytic_schedulers.runtime import write_json_atomically  # noqa: E402
 from analytic_schedulers.sampling import build_sampler, sampler_spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -243,10 +243,8 @@ def show(row):
 def write_results(rows, meta, output: Path, plot_path: Path) -> None:
     differences = paired_differences(rows)
     results = {"rows": rows, "differences": differences}
-    for path, content in ((output, results), (output.with_suffix(".meta.json"), meta)):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(content, indent=1))
-        os.replace(tmp, path)
+    write_json_atomically(output, results, indent=1)
+    write_json_atomically(output.with_suffix(".meta.json"), meta, indent=1)
     plot(rows, plot_path)
     if differences:
         print("\npaired differences (same random numbers per seed), mean ± std over seeds; * = larger than twice the "
