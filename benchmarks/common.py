@@ -1,5 +1,5 @@
 """What the digits benchmarks (`quality_vs_steps.py`, `heads.py`, `data_free.py`) share: the held-out data and the
-FID, seeded sampling and NLL (common random numbers), and statistics over seeds."""
+FID, seeded sampling and NLL (common random numbers), statistics over seeds, and the `--quick` defaults."""
 
 from __future__ import annotations
 
@@ -56,3 +56,11 @@ def paired_difference(values, baseline, seeds, **mean_std_options):
     random numbers); `(None, None)` when a value is missing."""
     diffs = [None if values[s] is None or baseline[s] is None else values[s] - baseline[s] for s in seeds]
     return mean_std(diffs, **mean_std_options)
+
+
+def apply_quick_defaults(args, parser, quick: dict) -> None:
+    """Sets each argument of `quick` (`{dest: value}`) that the command line left at its default; what it sets
+    explicitly stays."""
+    for name, value in quick.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)

@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples  # noqa: E402
+from common import (  # noqa: E402
+    apply_quick_defaults, digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples)
 
 from analytic_schedulers import NoiseSquareHeadModel, train_noise_square_head  # noqa: E402
 from analytic_schedulers.datasets import digits_images  # noqa: E402
@@ -204,11 +205,9 @@ def parse_args():
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/heads.json)")
     args = parser.parse_args()
     if args.quick:  # smaller defaults; what the command line sets explicitly stays
-        quick = {"seeds": "0", "steps": "10", "draws": 200, "max_evaluations": 30, "num_samples": 32,
-                 "nll_images": 16, "calibration_steps": 3, "fid_epochs": 2}
-        for name, value in quick.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+        apply_quick_defaults(args, parser, {"seeds": "0", "steps": "10", "draws": 200, "max_evaluations": 30,
+                                            "num_samples": 32, "nll_images": 16, "calibration_steps": 3,
+                                            "fid_epochs": 2})
     return args
 
 

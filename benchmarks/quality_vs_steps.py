@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples  # noqa: E402
+from common import (  # noqa: E402
+    apply_quick_defaults, digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples)
 from digits_fid import DigitsFID  # noqa: E402
 
 from analytic_schedulers.loading import load  # noqa: E402
@@ -173,10 +174,8 @@ def main():
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/...png)")
     args = parser.parse_args()
     if args.quick:  # smaller defaults; what the command line sets explicitly stays
-        quick = {"steps": "10,25", "num_samples": 64, "nll_images": 32, "no_reference": True, "seeds": "0"}
-        for name, value in quick.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+        apply_quick_defaults(args, parser, {"steps": "10,25", "num_samples": 64, "nll_images": 32,
+                                            "no_reference": True, "seeds": "0"})
     suffix = "_quick" if args.quick else ""
     output = Path(args.output or RESULTS / f"quality_vs_steps{suffix}.json")
     plot_path = Path(args.plot or RESULTS / f"quality_vs_steps{suffix}.png")
