@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,14 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_fid import DigitsFID  # noqa: E402
+from common import digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples  # noqa: E402
 
-from analytic_schedulers import nll_bits_per_dim  # noqa: E402
-from analytic_schedulers.data import quantize_8bit  # noqa: E402
-from analytic_schedulers.datasets import digits_images  # noqa: E402
 from analytic_schedulers.loading import load  # noqa: E402
 from analytic_schedulers.runtime import write_json_atomically  # noqa: E402
-from analytic_schedulers.sampling import build_sampler, sample_images  # noqa: E402
+from analytic_schedulers.sampling import build_sampler  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUTES = ("table", "batch")
@@ -57,23 +53,13 @@ def timed(function):
 
 def fid_of(name, route, K, seed, loaded, fid, args):
     sampler = make_sampler(name, route, loaded, args.last_step_sigma_clip)
-
-    def run():
-        chunks = []
-        for begin in range(0, args.num_samples, args.batch_size):
-            images = range(begin, min(begin + args.batch_size, args.num_samples))
-            generators = [torch.Generator().manual_seed(seed * SEED_STRIDE + i) for i in images]
-            chunks.append(sample_images(loaded.unet, sampler, K, generators))
-        return fid(torch.cat(chunks))
-
-    return timed(run)
+    return timed(lambda: fid(seeded_samples(loaded.unet, sampler, K, args.num_samples, args.batch_size, seed,
+                                            SEED_STRIDE)))
 
 
 def nll_of(route, K, seed, loaded, test_x0):
     sampler = make_sampler("analytic-ddpm", route, loaded, None)
-    sampler.set_timesteps(K)
-    generator = torch.Generator().manual_seed(seed)
-    return timed(lambda: nll_bits_per_dim(loaded.unet, sampler.scheduler, test_x0, generator=generator).mean().item())
+    return timed(lambda: seeded_nll(loaded.unet, sampler, K, test_x0, seed))
 
 
 def measure(args, loaded, fid, test_x0):
@@ -98,10 +84,6 @@ def show(row):
           f"{row['value']:9.4f}  {row['cpu_seconds']:7.1f} CPU s", flush=True)
 
 
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(rows):
     """Per metric, sampler and K: mean and std over seeds of each route, and of the paired difference batch - table."""
     summary = []
@@ -113,8 +95,8 @@ def summarize(rows):
         entry = dict(metric=metric, sampler=sampler, steps=K, seeds=len(seeds))
         for route in ROUTES:
             entry[f"{route}_mean"], entry[f"{route}_std"] = mean_std([by_route[route][s] for s in seeds])
-        entry["difference_mean"], entry["difference_std"] = mean_std(
-            [by_route["batch"][s] - by_route["table"][s] for s in seeds])
+        difference = paired_difference(by_route["batch"], by_route["table"], seeds)
+        entry["difference_mean"], entry["difference_std"] = difference
         summary.append(entry)
     return summary
 
@@ -154,8 +136,7 @@ def main():
     output.parent.mkdir(parents=True, exist_ok=True)
     loaded = load(None)
     size = loaded.unet.config.sample_size
-    fid = DigitsFID(size=size, seed=0, epochs=args.fid_epochs, num_samples=args.num_samples)
-    test_x0 = quantize_8bit(digits_images("test", size))[: args.nll_images]
+    fid, test_x0 = digits_evaluation(size, args.num_samples, args.nll_images, args.fid_epochs)
     print(f"bundled model; {args.num_samples} samples per FID in batches of {args.batch_size}; NLL of {len(test_x0)} "
           f"held-out images in one batch; seeds 0..{args.seeds - 1}; FID floor {fid.data_fid:.2f}; "
           f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()}")

@@ -23,9 +23,7 @@ One CPU thread by default; the full run takes about 20 minutes on one core, trai
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -36,16 +34,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_fid import DigitsFID  # noqa: E402
+from common import (  # noqa: E402
+    apply_quick_defaults, digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples)
 
-from analytic_schedulers import NoiseSquareHeadModel, nll_bits_per_dim, train_noise_square_head  # noqa: E402
-from analytic_schedulers.data import quantize_8bit  # noqa: E402
+from analytic_schedulers import NoiseSquareHeadModel, train_noise_square_head  # noqa: E402
 from analytic_schedulers.datasets import digits_images  # noqa: E402
 from analytic_schedulers.head_fitting import CachedFitRecipe, collect_head_cache, fit_output_layer  # noqa: E402
 from analytic_schedulers.loading import load  # noqa: E402
-from analytic_schedulers.sampling import build_sampler, sample_images  # noqa: E402
+from analytic_schedulers.runtime import write_json_atomically  # noqa: E402
+from analytic_schedulers.sampling import build_sampler  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SEED_STRIDE = 100_000  # image i of seed s: generator s * SEED_STRIDE + i
 PLAIN = dict(batch_size=64, lr=1e-3)  # the plain recipe as the bundled heads were first trained
 # label: (sampler, which model, last-step clip y, scored by NLL)
 ROWS = {
@@ -68,8 +68,7 @@ class Bench:
         self.unet = self.loaded.unet.eval()
         self.scheduler = self._ddpm_scheduler()
         self.train_images = digits_images("train", 16)
-        self.test_x0 = quantize_8bit(digits_images("test", 16))[: args.nll_images]
-        self.fid = DigitsFID(size=16, seed=0, epochs=args.fid_epochs, num_samples=args.num_samples)
+        self.fid, self.test_x0 = digits_evaluation(16, args.num_samples, args.nll_images, args.fid_epochs)
         self.recipe = CachedFitRecipe(num_draws=args.draws, max_evaluations=args.max_evaluations)
 
     def _ddpm_scheduler(self):
@@ -118,29 +117,21 @@ def score(bench: Bench, label: str, model, K: int, seed: int) -> dict:
     row = {"label": label, "K": K, "seed": seed, "nll_bpd": None}
     if with_nll:
         sampler = build_sampler(sampler_name, bench.loaded.scheduler_config, bench.loaded.gamma)
-        sampler.set_timesteps(K)
-        nll = nll_bits_per_dim(model, sampler.scheduler, bench.test_x0, generator=torch.Generator().manual_seed(seed))
-        row["nll_bpd"] = nll.mean().item()
+        row["nll_bpd"] = seeded_nll(model, sampler, K, bench.test_x0, seed)
     sampler = build_sampler(sampler_name, bench.loaded.scheduler_config, bench.loaded.gamma, last_step_sigma_clip=clip)
-    chunks = []
-    for begin in range(0, bench.args.num_samples, bench.args.batch_size):
-        end = min(begin + bench.args.batch_size, bench.args.num_samples)
-        generators = [torch.Generator().manual_seed(seed * 100_000 + i) for i in range(begin, end)]
-        chunks.append(sample_images(model, sampler, K, generators))
-    row["fid"] = bench.fid(torch.cat(chunks))
+    args = bench.args
+    row["fid"] = bench.fid(seeded_samples(model, sampler, K, args.num_samples, args.batch_size, seed, SEED_STRIDE))
     return row
 
 
-def spread(values):
-    """`(mean, std, exceeds)`: std over seeds (None for one seed); `exceeds` for a paired difference, whether
-    |mean| > t(0.975, n - 1) std / sqrt(n)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
+def exceeds_spread(mean, std, n):
+    """Whether a paired difference over n seeds exceeds its spread, |mean| > t(0.975, n - 1) std / sqrt(n); None
+    for one seed (std None)."""
+    if std is None:
+        return None
     from scipy.stats import t as student_t
 
-    std = statistics.stdev(values)
-    return mean, std, bool(abs(mean) > student_t.ppf(0.975, len(values) - 1) * std / math.sqrt(len(values)))
+    return bool(abs(mean) > student_t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
 def summarise(rows, costs):
@@ -156,10 +147,12 @@ def summarise(rows, costs):
                 values = [mine[s][metric] for s in seeds if mine[s][metric] is not None]
                 if not values:
                     continue
-                entry[metric] = dict(zip(("mean", "std"), spread(values)[:2]))
+                entry[metric] = dict(zip(("mean", "std"), mean_std(values, one_value_std=None)))
                 if label != "analytic":
-                    diff = spread([mine[s][metric] - base[s][metric] for s in seeds])
-                    entry[f"{metric}_vs_analytic"] = dict(zip(("mean", "std", "exceeds_spread"), diff))
+                    mean, std = paired_difference({s: mine[s][metric] for s in seeds},
+                                                  {s: base[s][metric] for s in seeds}, seeds, one_value_std=None)
+                    entry[f"{metric}_vs_analytic"] = {"mean": mean, "std": std,
+                                                      "exceeds_spread": exceeds_spread(mean, std, len(seeds))}
             model = ROWS[label][1]
             if model is not None and model in costs[seeds[0]] and label == model:
                 entry["head_cpu_seconds"] = statistics.fmean(costs[s][model]["cpu_seconds"] for s in seeds)
@@ -212,11 +205,9 @@ def parse_args():
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/heads.json)")
     args = parser.parse_args()
     if args.quick:  # smaller defaults; what the command line sets explicitly stays
-        quick = {"seeds": "0", "steps": "10", "draws": 200, "max_evaluations": 30, "num_samples": 32,
-                 "nll_images": 16, "calibration_steps": 3, "fid_epochs": 2}
-        for name, value in quick.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+        apply_quick_defaults(args, parser, {"seeds": "0", "steps": "10", "draws": 200, "max_evaluations": 30,
+                                            "num_samples": 32, "nll_images": 16, "calibration_steps": 3,
+                                            "fid_epochs": 2})
     return args
 
 
@@ -248,10 +239,8 @@ def main():
             "machine": platform.machine(), "wall_seconds": time.perf_counter() - wall_start}
     output = Path(args.output or RESULTS / ("heads_quick.json" if args.quick else "heads.json"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "training": {str(s): c for s, c in costs.items()},
-                               "rows": rows}, indent=1))
-    os.replace(tmp, output)
+    write_json_atomically(output, {"meta": meta, "summary": summary, "training": {str(s): c for s, c in costs.items()},
+                                   "rows": rows}, indent=1)
     print(f"wrote {output}")
 
 

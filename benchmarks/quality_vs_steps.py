@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -35,12 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import (  # noqa: E402
+    apply_quick_defaults, digits_evaluation, mean_std, paired_difference, seeded_nll, seeded_samples)
 from digits_fid import DigitsFID  # noqa: E402
 
-from analytic_schedulers.data import quantize_8bit  # noqa: E402
-from analytic_schedulers.datasets import digits_images  # noqa: E402
 from analytic_schedulers.loading import load  # noqa: E402
-from analytic_schedulers.sampling import build_sampler, sample_images, sampler_spec  # noqa: E402
+from analytic_schedulers.runtime import write_json_atomically  # noqa: E402
+from analytic_schedulers.sampling import build_sampler, sampler_spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {  # benchmark name: sampler name (see analytic_schedulers.sampling.SAMPLERS)
@@ -76,19 +76,11 @@ def measure(name, K, seed, loaded, fid, test_x0, args):
     base_config, gamma = loaded.scheduler_config, loaded.gamma
     sampler = build_sampler(sampler_name, base_config, gamma, last_step_sigma_clip=args.last_step_sigma_clip)
     start = time.perf_counter()
-    chunks = []
-    for begin in range(0, args.num_samples, args.batch_size):
-        images = range(begin, min(begin + args.batch_size, args.num_samples))
-        generators = [torch.Generator().manual_seed(seed * SEED_STRIDE + i) for i in images]
-        chunks.append(sample_images(model, sampler, K, generators))
-    result = {"seconds": time.perf_counter() - start, "fid": fid(torch.cat(chunks)), "nll_bpd": None}
+    samples = seeded_samples(model, sampler, K, args.num_samples, args.batch_size, seed, SEED_STRIDE)
+    result = {"seconds": time.perf_counter() - start, "fid": fid(samples), "nll_bpd": None}
     if spec.has_elbo and args.nll_images > 0:
-        from analytic_schedulers import nll_bits_per_dim
-
         sampler = build_sampler(sampler_name, base_config, gamma, last_step_sigma_clip=None)
-        sampler.set_timesteps(K)
-        nll = nll_bits_per_dim(model, sampler.scheduler, test_x0, generator=torch.Generator().manual_seed(seed))
-        result["nll_bpd"] = nll.mean().item()
+        result["nll_bpd"] = seeded_nll(model, sampler, K, test_x0, seed)
     return result
 
 
@@ -99,16 +91,8 @@ def run_method(name, K, loaded, fid, test_x0, args, seeds):
     per_seed = {str(seed): measure(name, K, seed, loaded, fid, test_x0, args) for seed in seeds}
     row = {"method": name, "steps": K, "per_seed": per_seed}
     for key in ("fid", "nll_bpd", "seconds"):
-        row[key], row[f"{key}_std"] = mean_std([m[key] for m in per_seed.values()])
+        row[key], row[f"{key}_std"] = mean_std([m[key] for m in per_seed.values()], torch_float64=True)
     return row
-
-
-def mean_std(values):
-    """`(mean, std over the values)`, std 0 for one value; `(None, None)` when a value is missing."""
-    if not values or any(v is None for v in values):
-        return None, None
-    tensor = torch.tensor(values, dtype=torch.float64)
-    return tensor.mean().item(), (tensor.std().item() if len(values) > 1 else 0.0)
 
 
 def paired_differences(rows):
@@ -123,11 +107,10 @@ def paired_differences(rows):
                 continue
             seeds = sorted(set(a["per_seed"]) & set(b["per_seed"]), key=int)
             for key in ("fid", "nll_bpd"):
-                diffs = [a["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds
-                         if a["per_seed"][s][key] is not None and b["per_seed"][s][key] is not None]
-                if len(diffs) != len(seeds) or not diffs:
+                mean, std = paired_difference({s: a["per_seed"][s][key] for s in seeds},
+                                              {s: b["per_seed"][s][key] for s in seeds}, seeds, torch_float64=True)
+                if mean is None:
                     continue
-                mean, std = mean_std(diffs)
                 out.append({"method": method, "baseline": baseline, "steps": K, "metric": key, "seeds": len(seeds),
                             "difference": mean, "difference_std": std,
                             "beyond_spread": len(seeds) > 1 and abs(mean) > 2 * std})
@@ -191,10 +174,8 @@ def main():
     parser.add_argument("--plot", default=None, help="PNG path (default: benchmarks/results/...png)")
     args = parser.parse_args()
     if args.quick:  # smaller defaults; what the command line sets explicitly stays
-        quick = {"steps": "10,25", "num_samples": 64, "nll_images": 32, "no_reference": True, "seeds": "0"}
-        for name, value in quick.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+        apply_quick_defaults(args, parser, {"steps": "10,25", "num_samples": 64, "nll_images": 32,
+                                            "no_reference": True, "seeds": "0"})
     suffix = "_quick" if args.quick else ""
     output = Path(args.output or RESULTS / f"quality_vs_steps{suffix}.json")
     plot_path = Path(args.plot or RESULTS / f"quality_vs_steps{suffix}.png")
@@ -214,8 +195,7 @@ def main():
     loaded = load(args.model)
     heads = [kind for kind in ("sn", "npr") if loaded.head_model(kind) is not None]
     size = loaded.unet.config.sample_size
-    fid = DigitsFID(size=size, seed=0, num_samples=args.num_samples)
-    test_x0 = quantize_8bit(digits_images("test", size))[: args.nll_images]
+    fid, test_x0 = digits_evaluation(size, args.num_samples, args.nll_images)
     steps = [int(k) for k in args.steps.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -262,10 +242,8 @@ def show(row):
 def write_results(rows, meta, output: Path, plot_path: Path) -> None:
     differences = paired_differences(rows)
     results = {"rows": rows, "differences": differences}
-    for path, content in ((output, results), (output.with_suffix(".meta.json"), meta)):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(content, indent=1))
-        os.replace(tmp, path)
+    write_json_atomically(output, results, indent=1)
+    write_json_atomically(output.with_suffix(".meta.json"), meta, indent=1)
     plot(rows, plot_path)
     if differences:
         print("\npaired differences (same random numbers per seed), mean ± std over seeds; * = larger than twice the "
